@@ -1,0 +1,142 @@
+"""Find the residual stream: the space R1 rotates, from embeddings to the readers of every norm.
+
+Walk forward in graph order from each embedding lookup through ops that commute with any
+transform of the channel dim (channel-keeping views, scalar or per-token scales, residual adds).
+At each residual add, the operand that is not yet on the stream is traced back to the linears that
+write it (through views, scales and adds of several writers). Every consumer of a stream value must
+be a norm, a linear reader or another stream op; anything else is Blocked with the op named.
+Entry point: `find_residual_stream(cg, norms) -> (ResidualStream, blocked, stream_nodes)`.
+"""
+from __future__ import annotations
+
+from fxquant.analysis.dataflow import (
+    Node, linear_input, linear_site, module_of, param_ref, real_users, shape_of, users_outside,
+)
+from fxquant.analysis.norms import NormMatch
+from fxquant.analysis.structure import Blocked, NormGroup, ResidualStream, StreamSource
+from fxquant.ir import CapturedGraph
+from fxquant.ops import OpClass, classify, keeps_channels
+
+
+def find_residual_stream(cg: CapturedGraph, norms: list[NormMatch]):
+    inside_norm = {n: m for m in norms for n in m.nodes}
+    stream, sources, adds, blocked, writers = {}, [], [], [], {}
+    for node in cg.graph.nodes:
+        if node in inside_norm or node.op != "call_function":
+            continue
+        cls = classify(node)
+        if cls is OpClass.EMBEDDING and param_ref(cg, node.args[0], node) is not None:
+            stream[node] = True
+            sources.append(_source(cg, node))
+        elif _extends_stream(node, cls, stream):
+            stream[node] = True
+            if cls is OpClass.RESIDUAL_ADD:
+                adds.append(node.name)
+                for operand in node.args[:2]:
+                    if operand not in stream:
+                        _trace_writers(cg, operand, node, inside_norm, writers, blocked)
+    groups = _reader_groups(cg, stream, inside_norm, blocked)
+    width = shape_of(next(iter(stream)))[-1] if stream else 0
+    result = ResidualStream(width, tuple(sources), tuple(adds), tuple(writers.values()), tuple(groups))
+    return result, blocked, set(stream)
+
+
+def _extends_stream(node, cls, stream) -> bool:
+    """Does `node` carry the residual stream onwards (same channels, transform commutes)?"""
+    args = [a for a in node.args[:2] if isinstance(a, Node)]
+    if cls is OpClass.VIEW:
+        return node.args[0] in stream and keeps_channels(node, node.args[0])
+    if cls is OpClass.COMMUTES_ORTHOGONAL:  # x * s, s per-token or scalar: s commutes with T
+        return any(a in stream and shape_of(a) == shape_of(node) for a in args)
+    if cls is OpClass.RESIDUAL_ADD:
+        return any(a in stream for a in args)
+    return False
+
+
+def _source(cg, node) -> StreamSource:
+    """An embedding is a token source when its indices come (through views) from a graph input."""
+    idx = node.args[1]
+    while classify(idx) is OpClass.VIEW:
+        idx = idx.args[0]
+    kind = "token" if idx.op == "placeholder" and idx.name not in cg.params else "position"
+    return StreamSource(node.name, module_of(node), param_ref(cg, node.args[0], node), kind)
+
+
+def _trace_writers(cg, start, add, inside_norm, writers, blocked):
+    """Collect the linears whose outputs reach `add` through `start`; block what cannot be rotated."""
+    stack, path = [start], []
+    while stack:
+        node = stack.pop()
+        path.append(node)
+        cls = classify(node)
+        if node in inside_norm:
+            norm = inside_norm[node].site
+            blocked.append(Blocked(node.name, norm.module, (
+                f"norm '{norm.module}' sits on a residual writer's output before add '{add.name}' "
+                "(a post-norm block): a rotation of the stream cannot pass through it")))
+        elif cls is OpClass.LINEAR and linear_site(cg, node) is not None:
+            writers.setdefault(node.name, linear_site(cg, node))
+        elif cls is OpClass.VIEW and keeps_channels(node, node.args[0]):
+            stack.append(node.args[0])
+        elif cls is OpClass.COMMUTES_ORTHOGONAL:
+            stack.extend(a for a in node.args[:2] if isinstance(a, Node) and shape_of(a) == shape_of(node))
+        elif cls is OpClass.RESIDUAL_ADD:
+            stack.extend(node.args[:2])
+        else:
+            blocked.append(Blocked(node.name, module_of(node), (
+                f"residual add '{add.name}' adds the output of {_op_name(node)} ({cls.value}), "
+                "which is not a linear layer: fxquant cannot rotate what it writes")))
+    for outside in users_outside(path, {add}):
+        blocked.append(Blocked(outside.name, module_of(outside), (
+            f"reads a residual writer's output before add '{add.name}': rotating the writer would change it")))
+
+
+def _reader_groups(cg, stream, inside_norm, blocked) -> list[NormGroup]:
+    groups, seen_norms, direct = [], set(), {}
+    for node in stream:
+        for user in real_users(node):
+            if user in stream:
+                continue
+            match = inside_norm.get(user)
+            if match is not None and match.site.input == node.name:
+                if match.site.node not in seen_norms:
+                    seen_norms.add(match.site.node)
+                    groups.append(NormGroup(match.site, _norm_readers(cg, match, blocked)))
+            elif classify(user) is OpClass.LINEAR and linear_input(user) is node and linear_site(cg, user):
+                direct.setdefault(node, []).append(linear_site(cg, user))
+            else:
+                what = "the graph output" if user.op == "output" else f"{_op_name(user)} ({classify(user).value})"
+                blocked.append(Blocked(user.name, module_of(user), (
+                    f"the residual stream (at '{node.name}') is read by {what}, which fxquant does not "
+                    "know to commute with a rotation of the stream")))
+    groups.extend(NormGroup(None, tuple(readers)) for readers in direct.values())
+    return groups
+
+
+def _norm_readers(cg, match: NormMatch, blocked) -> tuple:
+    """Linears that read a norm's output through channel-keeping views."""
+    out = cg.node(match.site.node)
+    readers, frontier = [], [out]
+    while frontier:
+        node = frontier.pop(0)
+        for user in real_users(node):
+            if user in match.nodes:
+                continue
+            cls = classify(user)
+            if cls is OpClass.LINEAR and linear_input(user) is node and linear_site(cg, user):
+                readers.append(linear_site(cg, user))
+            elif cls is OpClass.VIEW and keeps_channels(user, node):
+                frontier.append(user)
+            else:
+                blocked.append(Blocked(user.name, module_of(user), (
+                    f"reads the output of norm '{match.site.module}' but is {_op_name(user)}, not a "
+                    "linear layer: the norm's weight cannot be folded past it")))
+    return tuple(sorted(readers, key=lambda r: _order(cg, r.node)))
+
+
+def _order(cg, name) -> int:
+    return next(i for i, n in enumerate(cg.graph.nodes) if n.name == name)
+
+
+def _op_name(node) -> str:
+    return "the graph output" if node.op == "output" else str(getattr(node.target, "__name__", node.target))

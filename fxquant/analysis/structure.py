@@ -1,0 +1,167 @@
+"""The frozen result of analysis: what a model's graph offers to rotation and equalization passes.
+
+`Structure` is pure data (frozen, hashable); transforms consume it and never re-derive it. Every
+item names graph nodes and module paths, and every place analysis could not prove is a `Blocked`
+entry with its reason, never a silent gap. `str(structure)` prints the tables `fxquant inspect` shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxquant.ir import ParamRef
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A linear layer as the graph uses it. `transposed`: weight stored [in, out] (GPT-2 Conv1D)."""
+
+    node: str
+    module: str
+    weight: ParamRef
+    bias: ParamRef | None
+    in_features: int
+    out_features: int
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A norm read from ops: out = normalize(x) * (offset + weight) + bias."""
+
+    node: str  # the node that carries the norm's output
+    input: str  # the node it normalizes
+    module: str
+    kind: str  # "rms" | "layer"
+    eps: float
+    width: int
+    weight: ParamRef | None
+    bias: ParamRef | None = None
+    offset: float = 0.0  # 1.0 for Gemma-style (1 + w) norms
+
+
+@dataclass(frozen=True)
+class NormGroup:
+    """A reader of the residual stream: a norm (None when a linear reads the stream directly) and
+    the linears that read its output."""
+
+    norm: NormSite | None
+    readers: tuple[LinearSite, ...]
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """An embedding lookup whose output starts the residual stream."""
+
+    node: str
+    module: str
+    weight: ParamRef
+    kind: str  # "token" | "position"
+
+
+@dataclass(frozen=True)
+class ResidualStream:
+    """Embeddings -> residual adds -> norms/readers: the space R1 rotates."""
+
+    width: int
+    sources: tuple[StreamSource, ...]
+    adds: tuple[str, ...]
+    writers: tuple[LinearSite, ...]
+    groups: tuple[NormGroup, ...]
+
+
+@dataclass(frozen=True)
+class HeadMap:
+    """One KV head: its rows of v's output, the query heads that read it, their o input columns."""
+
+    kv_head: int
+    v_rows: tuple[int, int]
+    q_heads: tuple[int, ...]
+    o_cols: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class VOChain:
+    """v -> attention -> o: per KV head, a rotation of v's rows is undone by o's columns (R2)."""
+
+    v: LinearSite
+    o: LinearSite
+    attention: str
+    head_dim: int
+    heads: tuple[HeadMap, ...]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def num_q_heads(self) -> int:
+        return sum(len(h.q_heads) for h in self.heads)
+
+
+@dataclass(frozen=True)
+class MLPChain:
+    """up (and gate) -> activation -> down. `up_rows`: rows of `up`'s output that form down's input."""
+
+    down: LinearSite
+    up: LinearSite
+    up_rows: tuple[int, int]
+    gate: LinearSite | None
+    act: str
+    commutes: str  # "diag" (gated: any scale on up), "positive-diag" (ReLU), "none"
+
+
+@dataclass(frozen=True)
+class OnlineSite:
+    """A linear whose input space no neighbour weight can absorb: a rotation there must be an op."""
+
+    linear: LinearSite
+    after: str  # the node that blocks folding
+    reason: str
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A place analysis could not prove; passes that need it refuse with this reason."""
+
+    node: str
+    module: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f" in module '{self.module}'" if self.module else ""
+        return f"node '{self.node}'{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Everything analysis found in one captured graph."""
+
+    stream: ResidualStream
+    norms: tuple[NormSite, ...]
+    vo_chains: tuple[VOChain, ...]
+    mlp_chains: tuple[MLPChain, ...]
+    online_sites: tuple[OnlineSite, ...]
+    blocked: tuple[Blocked, ...]
+    tied: tuple[tuple[str, ...], ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "stream sources": len(self.stream.sources),
+            "norm->linear groups": len(self.stream.groups),
+            "residual writers": len(self.stream.writers),
+            "v->o chains": len(self.vo_chains),
+            "mlp chains": len(self.mlp_chains),
+            "online sites": len(self.online_sites),
+            "blocked": len(self.blocked),
+        }
+
+    def group_of(self, norm_module: str) -> NormGroup:
+        for g in self.stream.groups:
+            if g.norm is not None and g.norm.module == norm_module:
+                return g
+        raise KeyError(f"no norm group for module {norm_module!r}")
+
+    def __str__(self) -> str:
+        from fxquant.analysis.report import format_structure
+
+        return format_structure(self)

@@ -1,0 +1,141 @@
+"""The op-semantics table: which aten ops commute with transforms of the channel (last) dim.
+
+Every walker in analysis reads `classify(node)` and nothing else, so what fxquant believes about an
+op is written down once, here. An op missing from the table is a BARRIER: walkers stop there and
+report it (a barrier is never silently dropped).
+
+Channel = the last dim of a hidden-state tensor. A transform T of that dim is an orthogonal matrix
+(rotation, R1/R2) or a positive diagonal (equalization scale). An op "commutes" with T when
+op(x T) = op(x) T.
+"""
+from __future__ import annotations
+
+import enum
+import operator
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+
+class OpClass(enum.Enum):
+    VIEW = "view"  # moves data, keeps values: reshape, transpose, slice, dtype casts, eval dropout
+    COMMUTES_ORTHOGONAL = "commutes_orthogonal"  # x * s with s a scalar or per-token: (x T) s = (x s) T
+    COMMUTES_DIAG = "commutes_diag"  # relu(x D) = relu(x) D for positive diagonal D
+    ELEMENTWISE = "elementwise"  # other pointwise math (gelu, silu, x*y, x+c): commutes with neither
+    RESIDUAL_ADD = "residual_add"  # x + y of equal shape: (x T) + (y T) = (x + y) T
+    NORM = "norm"  # a fused norm op (layer_norm); decomposed RMSNorm is recognised by analysis.norms
+    ATTENTION = "attention"  # SDPA: output head h = weighted sum of value head kv(h) over tokens
+    LINEAR = "linear"  # reads a weight: linear, addmm (Conv1D), matmul with a parameter
+    EMBEDDING = "embedding"
+    IGNORE = "ignore"  # no tensor output that feeds computation (shape asserts, sym sizes)
+    BARRIER = "barrier"  # unknown: walkers stop and report
+
+
+_VIEW_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.chunk.default, aten.contiguous.default, aten.clone.default,
+    aten.alias.default, aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+    aten.type_as.default, aten.detach.default, aten.flatten.using_ints, aten.unflatten.int, aten.t.default,
+    operator.getitem,
+}
+_DTYPE_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
+_POSITIVE_HOMOGENEOUS = {aten.relu.default, aten.leaky_relu.default}  # f(a x) = a f(x) for a > 0
+_POINTWISE = {
+    aten.gelu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default, aten.neg.default,
+    aten.pow.Tensor_Scalar, aten.exp.default, aten.sub.Tensor, aten.div.Tensor, aten.rsqrt.default,
+    aten.sqrt.default, aten.mean.dim, aten.erf.default,
+}
+_IGNORE = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
+_TABLE: dict[object, OpClass] = {
+    **{op: OpClass.VIEW for op in _VIEW_OPS},
+    **{op: OpClass.COMMUTES_DIAG for op in _POSITIVE_HOMOGENEOUS},
+    **{op: OpClass.ELEMENTWISE for op in _POINTWISE},
+    **{op: OpClass.IGNORE for op in _IGNORE},
+    aten.layer_norm.default: OpClass.NORM,
+    aten.scaled_dot_product_attention.default: OpClass.ATTENTION,
+    aten.linear.default: OpClass.LINEAR,
+    aten.addmm.default: OpClass.LINEAR,
+    aten.embedding.default: OpClass.EMBEDDING,
+}
+
+
+def classify(node: torch.fx.Node) -> OpClass:
+    """The OpClass of a call node: the table entry, refined by operand shapes for mul/add."""
+    if node.op != "call_function":
+        return OpClass.BARRIER
+    if node.target in (aten.mul.Tensor, aten.div.Tensor):
+        # x * s commutes with any channel transform when s is constant along the channel dim
+        return OpClass.COMMUTES_ORTHOGONAL if _scales_tokens_only(node) else OpClass.ELEMENTWISE
+    if node.target is aten.add.Tensor:
+        # x + y commutes when both sides carry the channel dim: (xT + yT) = (x + y)T
+        return OpClass.RESIDUAL_ADD if _same_shape_tensors(node) else OpClass.ELEMENTWISE
+    return _TABLE.get(node.target, OpClass.BARRIER)
+
+
+def is_dtype_cast(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _DTYPE_CASTS
+
+
+def keeps_channels(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """True when the VIEW `node` maps channel c of `src` to channel c of its output, for every c.
+
+    Checked on the shapes export recorded: the last dim keeps its size and the op's own dim
+    arguments (slice, split, transpose, ...) never touch it.
+    """
+    if is_dtype_cast(node) or node.target in (aten.clone.default, aten.contiguous.default,
+                                              aten.alias.default, aten.dropout.default, aten.detach.default):
+        return True
+    shape_in, shape_out = _shape(src), _shape(node)
+    if shape_in is None or shape_out is None or not shape_in or not shape_out:
+        return False
+    if shape_in[-1] != shape_out[-1]:
+        return False
+    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                       aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
+                       aten.flatten.using_ints):
+        return True  # last dim size unchanged and these ops never permute within it
+    if node.target in (aten.slice.Tensor, aten.select.int):
+        return _normal_dim(node.args[1] if len(node.args) > 1 else 0, len(shape_in)) != len(shape_in) - 1
+    if node.target is aten.transpose.int:
+        last = len(shape_in) - 1
+        return last not in {_normal_dim(d, len(shape_in)) for d in node.args[1:3]}
+    if node.target is aten.permute.default:
+        return _normal_dim(node.args[1][-1], len(shape_in)) == len(shape_in) - 1
+    return False
+
+
+def _shape(node):
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _normal_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _scales_tokens_only(node) -> bool:
+    """One operand is a python number, or a tensor whose channel dim is 1 (broadcast)."""
+    if len(node.args) < 2:
+        return False
+    a, b = node.args[0], node.args[1]
+    if node.target is aten.div.Tensor:
+        return _is_token_scale(b)
+    return _is_token_scale(a) or _is_token_scale(b)
+
+
+def _is_token_scale(x) -> bool:
+    if isinstance(x, (int, float)):
+        return True
+    shape = _shape(x)
+    return shape is not None and (len(shape) == 0 or shape[-1] == 1)
+
+
+def _same_shape_tensors(node) -> bool:
+    if len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = _shape(node.args[0]), _shape(node.args[1])
+    return a is not None and b is not None and a == b and len(a) > 0
