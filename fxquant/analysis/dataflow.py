@@ -99,7 +99,7 @@ def users_outside(nodes: list[Node], allowed: set[Node]) -> list[Node]:
     return [u for n in nodes for u in n.users if u not in inside and classify(u) is not OpClass.IGNORE]
 
 
-def channel_labels(src: Node, chain: list[Node]) -> torch.Tensor:
+def channel_labels(src: Node, chain: list[Node], labels: torch.Tensor | None = None) -> torch.Tensor:
     """Run `chain` (topologically ordered, src first) on labels = channel index of src's output.
 
     Every chain op after src must be a VIEW, an ATTENTION whose value input is on the chain
@@ -107,8 +107,9 @@ def channel_labels(src: Node, chain: list[Node]) -> torch.Tensor:
     other factor is off the chain (labels of the chain factor pass through). Raises ValueError
     naming the node that is none of these.
     """
-    shape = shape_of(src)
-    labels = torch.arange(shape[-1], dtype=torch.float64).expand(shape)
+    if labels is None:
+        shape = shape_of(src)
+        labels = torch.arange(shape[-1], dtype=torch.float64).expand(shape)
     env = {src: labels}
     for node in chain[1:]:
         env[node] = _label_step(node, env)
