@@ -31,6 +31,8 @@ def find_mlp_chains(cg: CapturedGraph, skip: set[str]):
         if classify(producer) not in _POINTWISE:
             continue
         found = _mlp_chain(cg, node, producer, views)
+        if found is None:
+            continue  # not fed by linears: the completeness check in analyse() reports it
         if isinstance(found, Blocked):
             blocked.append(found)
             continue
@@ -40,7 +42,7 @@ def find_mlp_chains(cg: CapturedGraph, skip: set[str]):
     return chains, sites, blocked
 
 
-def _mlp_chain(cg, down_node, producer, down_views) -> MLPChain | Blocked:
+def _mlp_chain(cg, down_node, producer, down_views) -> MLPChain | Blocked | None:
     def fail(why):
         return Blocked(down_node.name, module_of(down_node), f"input of this linear is not an MLP chain: {why}")
 
@@ -58,7 +60,7 @@ def _mlp_chain(cg, down_node, producer, down_views) -> MLPChain | Blocked:
     up, up_views, up_node = _linear_behind(cg, up_leaf)
     gate = _linear_behind(cg, gate_leaf)[0] if gate_leaf is not None else None
     if up is None or (gate_leaf is not None and gate is None):
-        return fail("a feeder of the activation is not a linear layer's output")
+        return None
     leaks = users_outside([*region, *down_views], {down_node})
     if leaks:
         return fail(f"'{leaks[0].name}' also reads the activation, so folding into '{up.module}' would change it")

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random models of each architecture, captured and analysed once per session."""
+from __future__ import annotations
+
+import functools
+import pytest
+
+from fxquant.analysis import analyse
+from fxquant.capture import capture
+from fxquant.models import TINY_CONFIGS, tiny_model
+
+ARCHS = sorted(TINY_CONFIGS)
+
+
+@functools.lru_cache(maxsize=None)
+def captured(arch: str):
+    """(CapturedGraph, Structure) of the tiny `arch` model; cached: treat as read-only."""
+    cg = capture(tiny_model(arch))
+    return cg, analyse(cg)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
