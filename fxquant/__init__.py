@@ -1,0 +1,23 @@
+"""fxquant: torch.fx graph-rewriting passes that make LLMs small and fast without losing accuracy.
+
+    capture -> analyse -> transform -> quantize -> lower -> compile / visualise
+
+The model stays the source of truth and the graph is the map: `capture` links every weight-reading
+node to the module and parameter it came from, `analyse` reads the graph into a frozen `Structure`,
+and passes (run by a `Pipeline`) edit the model through those links.
+"""
+from fxquant.analysis import Blocked, Structure, analyse
+from fxquant.capture import capture
+from fxquant.errors import (
+    CaptureError, FxquantError, ModelLoadError, NoHadamardError, PassError, RecipeError, UnsupportedPatternError,
+)
+from fxquant.ir import CapturedGraph, ParamRef
+from fxquant.pipeline import Change, PassResult, Pipeline, Step, fxpass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
+    "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
+    "NoHadamardError", "RecipeError", "ModelLoadError", "PassError",
+]

@@ -26,7 +26,6 @@ LOGGER = logging.getLogger("fxquant")
 GRAPH = "graph"  # invalidated -> re-capture the model, then re-analyse
 STRUCTURE = "structure"  # invalidated -> re-analyse
 OUTPUTS = "outputs"  # invalidated -> the pass changes the float outputs on purpose (quantization)
-DUMP_ENV = "FXQUANT_DUMP"
 
 
 @dataclass(frozen=True)
@@ -185,12 +184,6 @@ def _default_analyse(cg):
     return analyse(cg)
 
 
-def _default_render(gm) -> str:
-    from fxquant.viz.text import graph_text  # viz is the last room: imported only when dumping
-
-    return graph_text(gm)
-
-
 @dataclass
 class _State:
     """What changes as the pipeline runs (private; the result is a frozen PipelineResult)."""
@@ -211,7 +204,7 @@ class Pipeline:
 
     `verify_inputs` is `(args, kwargs)` (or True for `cg.example_inputs`) to check after each pass
     that the float outputs match those before the first pass. `dump_dir` (or env FXQUANT_DUMP)
-    receives `NN_<step>.txt` graph dumps. `analyse`, `capture` and `render` default to fxquant's own.
+    receives `NN_<step>.txt` graph dumps. `analyse` and `capture` default to fxquant's own.
 
     Example::
 
@@ -228,7 +221,6 @@ class Pipeline:
     rtol: float = 1e-4
     dump_dir: str | os.PathLike | None = None
     log: logging.Logger | None = LOGGER
-    render: Callable | None = None
 
     def __post_init__(self):
         steps = tuple(s if isinstance(s, Step) else Step(s) for s in self.steps)
@@ -258,6 +250,8 @@ class Pipeline:
     def _inputs(self, cg):
         if self.verify_inputs is None or self.verify_inputs is False:
             return None
+        if self.verify_inputs is True and not cg.example_inputs:
+            raise RecipeError("verify_inputs=True needs cg.example_inputs; pass verify_inputs=(args, kwargs)")
         return as_inputs(cg.example_inputs if self.verify_inputs is True else self.verify_inputs)
 
     def _settle(self, step: Step, result: PassResult, state: _State) -> None:
@@ -271,7 +265,8 @@ class Pipeline:
             if GRAPH in gone or STRUCTURE in gone:
                 state.structure = (self.analyse or _default_analyse)(state.cg)
         if state.inputs is not None:
-            self._verify(step, state)
+            with _blame(step.name, state.done, "left a model that verification could not run"):
+                self._verify(step, state)
         state.facts = (state.facts - gone) | step.info.provides
         state.results[step.name] = result
 
@@ -310,13 +305,15 @@ class Pipeline:
         state.done.append(step.name)
 
     def _dump(self, state: _State, index: int, name: str, header: str) -> None:
-        folder = self.dump_dir or os.environ.get(DUMP_ENV)
+        folder = self.dump_dir or os.environ.get("FXQUANT_DUMP")
         if not folder:
             return
+        from fxquant.viz.text import graph_text  # viz is the last room: imported only when dumping
+
         path = Path(folder) / f"{index:02d}_{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         comment = "".join(f"# {line}\n" for line in header.splitlines())
-        path.write_text(comment + (self.render or _default_render)(state.cg) + "\n")
+        path.write_text(comment + graph_text(state.cg) + "\n")
 
 
 def _capture_inputs(model, args, kwargs):

@@ -1,0 +1,91 @@
+"""The `fxquant` command line: inspect a model's structure, or measure its perplexity.
+
+    fxquant inspect --model smollm2|PATH|tiny-ARCH   # capture + analyse, print tables, dump graph
+    fxquant eval    --model smollm2|PATH             # perplexity on the default eval split
+
+Errors from fxquant exit with status 2 and their message, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fxquant.errors import FxquantError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FxquantError as exc:
+        print(f"fxquant: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxquant", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    inspect = sub.add_parser("inspect", help="capture and analyse a model, print the structure found")
+    inspect.add_argument("--model", required=True, help="smollm2, a local HF dir or .gguf file, or tiny-ARCH")
+    inspect.add_argument("--dump-dir", default="dumps", help="where the graph text dump goes (default: dumps/)")
+    inspect.add_argument("--full", action="store_true", help="one row per layer instead of folded rows")
+    inspect.set_defaults(run=_inspect)
+    ev = sub.add_parser("eval", help="perplexity on the default eval split (last 24 windows of 512 tokens)")
+    ev.add_argument("--model", required=True, help="smollm2, or a local HF dir or .gguf file")
+    ev.add_argument("--windows", type=int, default=24, help="number of eval windows (default 24)")
+    ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    ev.set_defaults(run=_eval)
+    return parser
+
+
+def _inspect(args) -> int:
+    from fxquant.analysis import analyse
+    from fxquant.analysis.report import format_structure
+    from fxquant.capture import capture
+    from fxquant.models import load_model
+    from fxquant.viz import graph_text
+
+    t0 = time.perf_counter()
+    model, _ = load_model(args.model)
+    t1 = time.perf_counter()
+    cg = capture(model)
+    t2 = time.perf_counter()
+    structure = analyse(cg)
+    t3 = time.perf_counter()
+    print(format_structure(structure, full=args.full))
+    dump = Path(args.dump_dir) / f"{_slug(args.model)}.graph.txt"
+    dump.parent.mkdir(parents=True, exist_ok=True)
+    dump.write_text(graph_text(cg))
+    print(f"\nmodel: {type(model).__name__}, {len(cg.graph.nodes)} graph nodes; graph dump: {dump}")
+    print(f"time: load {t1 - t0:.1f}s, capture {t2 - t1:.2f}s, analyse {t3 - t2:.2f}s, "
+          f"capture+analyse {t3 - t1:.2f}s")
+    return 0
+
+
+def _eval(args) -> int:
+    from fxquant.errors import ModelLoadError
+    from fxquant.eval import EvalSplit, default_tokens, eval_windows, perplexity
+    from fxquant.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise ModelLoadError(
+            f"model {args.model!r} has no tokenizer, so the default text cannot be tokenized; "
+            "eval needs smollm2, a .gguf file, or a HF directory with tokenizer files.")
+    start = time.perf_counter()
+    windows = eval_windows(default_tokens(tokenizer), EvalSplit(seq_len=args.seq_len, n_eval=args.windows))
+    ppl = perplexity(model, windows)
+    print(f"eval split: last {args.windows} windows of {args.seq_len} tokens of pydoc_data.topics "
+          f"({time.perf_counter() - start:.1f}s)")
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def _slug(spec: str) -> str:
+    return Path(spec).name.replace(".gguf", "") or "model"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
