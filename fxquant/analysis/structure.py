@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fxquant.errors import UnsupportedPatternError
 from fxquant.ir import ParamRef
 
 
@@ -154,6 +155,21 @@ class Structure:
             "online sites": len(self.online_sites),
             "blocked": len(self.blocked),
         }
+
+    def refuse_if_blocked(self, purpose: str) -> None:
+        """The one refusal every transform gives before touching a weight: list what is unproven.
+
+        Raises UnsupportedPatternError naming each Blocked node, its module and the reason.
+        """
+        if not self.blocked:
+            return
+        items = "\n".join(f"  - {b}" for b in self.blocked)
+        raise UnsupportedPatternError(
+            f"{purpose} refused, nothing was changed: fxquant could not prove {len(self.blocked)} "
+            f"place(s) in this model's graph:\n{items}\nRun `fxquant inspect --model ...` to see the "
+            "structure found; a pattern fxquant does not know needs an entry in fxquant/ops.py or a "
+            "finder in fxquant/analysis/ before this transform can be applied safely."
+        )
 
     def group_of(self, norm_module: str) -> NormGroup:
         for g in self.stream.groups:
