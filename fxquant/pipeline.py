@@ -308,7 +308,7 @@ class Pipeline:
         folder = self.dump_dir or os.environ.get("FXQUANT_DUMP")
         if not folder:
             return
-        from fxquant.viz.text import graph_text  # viz is the last room: imported only when dumping
+        from fxquant.viz.text import graph_text  # imported only when a dump is asked for
 
         path = Path(folder) / f"{index:02d}_{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
