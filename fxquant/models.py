@@ -38,6 +38,10 @@ TINY_CONFIGS: dict[str, dict] = {
         max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, enable_bias=True,
     ),
+    "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),  # router + stacked experts
+    "qwen2_moe": dict(  # experts + a gated shared expert
+        _COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+    ),
     "gpt2": dict(  # Conv1D weights [in, out], fused c_attn, GELU(tanh), learned positions, tied
         n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1, eos_token_id=2,
     ),

@@ -50,6 +50,8 @@ _POINTWISE = {
     aten.sqrt.default, aten.mean.dim, aten.erf.default,
 }
 _IGNORE = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
+# grouped (MoE expert) matmuls: x[tokens of expert e] @ W[e]; transformers registers its own fallback
+_GROUPED_MM = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
 _TABLE: dict[object, OpClass] = {
     **{op: OpClass.VIEW for op in _VIEW_OPS},
     **{op: OpClass.COMMUTES_DIAG for op in _POSITIVE_HOMOGENEOUS},
@@ -73,7 +75,22 @@ def classify(node: torch.fx.Node) -> OpClass:
     if node.target is aten.add.Tensor:
         # x + y commutes when both sides carry the channel dim: (xT + yT) = (x + y)T
         return OpClass.RESIDUAL_ADD if _same_shape_tensors(node) else OpClass.ELEMENTWISE
+    if node.target is aten.sum.dim_IntList:
+        # a sum over tokens / top-k experts is linear along other dims: sum_i(x_i T) = (sum_i x_i) T
+        return OpClass.BARRIER if _touches_last_dim(node) else OpClass.COMMUTES_ORTHOGONAL
+    if node.target is aten.index.Tensor:
+        # gathering tokens (x[idx] over leading dims) moves rows, never channels
+        return OpClass.BARRIER if len(node.args[1]) >= len(_shape(node.args[0]) or ()) else OpClass.VIEW
+    if getattr(node.target, "_schema", None) is not None and node.target._schema.name in _GROUPED_MM:
+        return OpClass.LINEAR
     return _TABLE.get(node.target, OpClass.BARRIER)
+
+
+def carried_input(node: torch.fx.Node):
+    """The operand of a COMMUTES_ORTHOGONAL node whose channels it carries (x in x * s, sum(x))."""
+    if node.target is aten.sum.dim_IntList:
+        return node.args[0]
+    return next((a for a in node.args[:2] if isinstance(a, torch.fx.Node) and _shape(a) == _shape(node)), None)
 
 
 def is_dtype_cast(node: torch.fx.Node) -> bool:
@@ -98,6 +115,8 @@ def keeps_channels(node: torch.fx.Node, src: torch.fx.Node) -> bool:
                        aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
                        aten.flatten.using_ints):
         return True  # last dim size unchanged and these ops never permute within it
+    if node.target is aten.index.Tensor:
+        return True  # classify() admits only gathers over leading dims
     if node.target in (aten.slice.Tensor, aten.select.int):
         return _normal_dim(node.args[1] if len(node.args) > 1 else 0, len(shape_in)) != len(shape_in) - 1
     if node.target is aten.transpose.int:
@@ -115,6 +134,12 @@ def _shape(node):
 
 def _normal_dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
+
+
+def _touches_last_dim(node) -> bool:
+    rank = len(_shape(node.args[0]) or ())
+    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else range(rank)
+    return any(_normal_dim(d, rank) == rank - 1 for d in dims)
 
 
 def _scales_tokens_only(node) -> bool:

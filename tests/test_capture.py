@@ -18,9 +18,10 @@ def test_every_linear_and_embedding_links_to_a_live_parameter(arch):
     weight_nodes = [n for n in cg.graph.nodes if classify(n) in (OpClass.LINEAR, OpClass.EMBEDDING)]
     assert weight_nodes
     for node in weight_nodes:
-        weight_arg = node.args[0] if classify(node) is OpClass.EMBEDDING else (
-            node.args[2] if node.target is torch.ops.aten.addmm.default else node.args[1])
-        ref = param_ref(cg, weight_arg, node)
+        if classify(node) is OpClass.EMBEDDING:
+            ref = param_ref(cg, node.args[0], node)
+        else:
+            ref = linear_site(cg, node).weight
         assert ref is not None and ref.module == node.meta[META_MODULE], node.name
         assert cg.param(ref) is cg.model.get_submodule(ref.module).get_parameter(ref.name)
 

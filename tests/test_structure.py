@@ -149,3 +149,27 @@ def test_report_folds_layers_and_lists_counts():
     assert "1 stream sources, 5 norm->linear groups, 4 residual writers, 2 v->o chains" in text
     assert "model.layers.*.input_layernorm" in text and "q_proj k_proj v_proj  x2" in text
     assert "kv0:v[0:16]->q[0, 1] kv1:v[16:32]->q[2, 3]" in text
+
+
+def test_mixtral_router_and_stacked_experts():
+    s = captured("mixtral")[1]
+    p = "model.layers.0.mlp"
+    group = s.group_of("model.layers.0.post_attention_layernorm")
+    assert [(r.module, r.weight.name, r.experts) for r in group.readers] == [(f"{p}.gate", "weight", 0), (f"{p}.experts", "gate_up_proj", 4)]
+    experts_down = [w for w in s.stream.writers if w.experts]
+    assert [(w.module, w.weight.name, w.in_features, w.out_features) for w in experts_down] == [
+        (f"model.layers.{i}.mlp.experts", "down_proj", 128, 64) for i in range(L)]
+    # stacked gate_up [E, 2I, H]: gate rows 0:128, up rows 128:256 of every expert
+    assert [(c.up.weight.name, c.up_rows, c.down.weight.name) for c in s.mlp_chains] == [("gate_up_proj", (128, 256), "down_proj")] * L
+    assert s.blocked == ()
+
+
+def test_qwen2_moe_shared_expert_and_its_gate():
+    s = captured("qwen2_moe")[1]
+    p = "model.layers.0.mlp"
+    group = s.group_of("model.layers.0.post_attention_layernorm")
+    assert [r.module for r in group.readers] == [
+        f"{p}.shared_expert.gate_proj", f"{p}.shared_expert.up_proj", f"{p}.gate", f"{p}.experts", f"{p}.shared_expert_gate"]
+    assert {w.module for w in s.stream.writers if "mlp" in w.module} == {
+        f"model.layers.{i}.mlp.{m}" for i in range(L) for m in ("shared_expert.down_proj", "experts")}
+    assert len(s.online_sites) == 2 * L and s.blocked == ()

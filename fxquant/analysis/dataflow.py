@@ -53,7 +53,7 @@ def linear_input(node: Node) -> Node | None:
     """The activation a LINEAR node multiplies (linear: arg 0; addmm: arg 1)."""
     if node.target is aten.addmm.default:
         return node.args[1]
-    return node.args[0] if node.args else None
+    return node.args[0] if node.args else None  # linear, grouped mm (x, W, offsets)
 
 
 def linear_site(cg: CapturedGraph, node: Node) -> LinearSite | None:
@@ -62,6 +62,8 @@ def linear_site(cg: CapturedGraph, node: Node) -> LinearSite | None:
         return None
     if node.target is aten.addmm.default:  # Conv1D: bias + x @ W, W stored [in, out]
         bias_arg, weight_arg, transposed = node.args[0], node.args[2], True
+    elif node.target not in (aten.linear.default,):  # grouped mm: x @ W[e], W read as [E, in, out]
+        return _expert_site(cg, node)
     else:
         weight_arg = node.args[1]
         bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -73,6 +75,19 @@ def linear_site(cg: CapturedGraph, node: Node) -> LinearSite | None:
     out_f, in_f = (shape[1], shape[0]) if transposed else shape
     bias = param_ref(cg, bias_arg, node) if isinstance(bias_arg, Node) else None
     return LinearSite(node.name, module_of(node), weight, bias, int(in_f), int(out_f), transposed)
+
+
+def _expert_site(cg, node) -> LinearSite | None:
+    """A grouped (MoE) matmul whose right operand is a stacked parameter, maybe read transposed."""
+    weight_arg, transposed = node.args[1], True
+    if isinstance(weight_arg, Node) and weight_arg.target is aten.transpose.int and set(
+            d % 3 for d in weight_arg.args[1:3]) == {1, 2}:
+        weight_arg, transposed = weight_arg.args[0], False  # stored [E, out, in] like nn.Linear
+    weight, shape = param_ref(cg, weight_arg, node), shape_of(weight_arg)
+    if weight is None or shape is None or len(shape) != 3:
+        return None
+    out_f, in_f = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
+    return LinearSite(node.name, module_of(node), weight, None, int(in_f), int(out_f), transposed, int(shape[0]))
 
 
 def real_users(node: Node) -> list[Node]:
@@ -121,6 +136,9 @@ def _label_step(node: Node, env: dict) -> torch.Tensor:
     if cls is OpClass.VIEW:
         if is_dtype_cast(node):
             return env[node.args[0]]
+        off_chain = [a for a in node.all_input_nodes if a not in env]
+        if off_chain:
+            raise ValueError(f"{node.target} at node '{node.name}' also reads '{off_chain[0].name}', off the traced path")
         args = [env.get(a, a) if isinstance(a, Node) else a for a in node.args]
         return node.target(*args, **node.kwargs)
     if cls is OpClass.ATTENTION:

@@ -15,7 +15,7 @@ def format_structure(s: Structure, full: bool = False) -> str:
     lines = [_counts_line(s), "", f"Residual stream: width {s.stream.width}, {len(s.stream.adds)} residual adds"]
     lines += [f"  source  {src.module}  ({src.kind} embedding, weight {src.weight})" for src in s.stream.sources]
     lines += _section("Norm -> linear groups", [
-        (g.norm.module if g.norm else "(no norm)", _norm_desc(g.norm), " ".join(_leaf(r.module) for r in g.readers))
+        (g.norm.module if g.norm else "(no norm)", _norm_desc(g.norm), " ".join(_site_name(r) for r in g.readers))
         for g in s.stream.groups], full)
     lines += _section("Residual writers", [(w.module, f"{w.in_features}->{w.out_features}", "") for w in s.stream.writers], full)
     lines += _section("v -> o chains (per KV head: query heads, o columns)", [
@@ -74,6 +74,11 @@ def _fold_digits(text: str) -> str:
 def _fold_node(name: str) -> str:
     """mul_12 -> mul_* (export numbers repeated nodes)."""
     return re.sub(r"_\d+$", "_*", name)
+
+
+def _site_name(site) -> str:
+    """q_proj; for stacked MoE experts, experts.gate_up_proj (the module holds several weights)."""
+    return f"{_leaf(site.module)}.{site.weight.name}" if site.experts else _leaf(site.module)
 
 
 def _leaf(path: str) -> str:

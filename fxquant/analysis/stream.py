@@ -15,7 +15,7 @@ from fxquant.analysis.dataflow import (
 from fxquant.analysis.norms import NormMatch
 from fxquant.analysis.structure import Blocked, NormGroup, ResidualStream, StreamSource
 from fxquant.ir import CapturedGraph
-from fxquant.ops import OpClass, classify, keeps_channels
+from fxquant.ops import OpClass, carried_input, classify, keeps_channels
 
 
 def find_residual_stream(cg: CapturedGraph, norms: list[NormMatch]):
@@ -47,7 +47,7 @@ def _extends_stream(node, cls, stream) -> bool:
     if cls is OpClass.VIEW:
         return node.args[0] in stream and keeps_channels(node, node.args[0])
     if cls is OpClass.COMMUTES_ORTHOGONAL:  # x * s, s per-token or scalar: s commutes with T
-        return any(a in stream and shape_of(a) == shape_of(node) for a in args)
+        return carried_input(node) in stream
     if cls is OpClass.RESIDUAL_ADD:
         return any(a in stream for a in args)
     return False
@@ -78,8 +78,8 @@ def _trace_writers(cg, start, add, inside_norm, writers, blocked):
             writers.setdefault(node.name, linear_site(cg, node))
         elif cls is OpClass.VIEW and keeps_channels(node, node.args[0]):
             stack.append(node.args[0])
-        elif cls is OpClass.COMMUTES_ORTHOGONAL:
-            stack.extend(a for a in node.args[:2] if isinstance(a, Node) and shape_of(a) == shape_of(node))
+        elif cls is OpClass.COMMUTES_ORTHOGONAL and carried_input(node) is not None:
+            stack.append(carried_input(node))
         elif cls is OpClass.RESIDUAL_ADD:
             stack.extend(node.args[:2])
         else:

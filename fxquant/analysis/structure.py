@@ -14,7 +14,8 @@ from fxquant.ir import ParamRef
 
 @dataclass(frozen=True)
 class LinearSite:
-    """A linear layer as the graph uses it. `transposed`: weight stored [in, out] (GPT-2 Conv1D)."""
+    """A linear layer as the graph uses it. `transposed`: weight stored [in, out] (GPT-2 Conv1D).
+    `experts`: the weight is a stack of that many expert matrices ([E, out, in]; 0 = a plain matrix)."""
 
     node: str
     module: str
@@ -23,6 +24,7 @@ class LinearSite:
     in_features: int
     out_features: int
     transposed: bool = False
+    experts: int = 0
 
 
 @dataclass(frozen=True)
