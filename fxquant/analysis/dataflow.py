@@ -12,7 +12,7 @@ import torch.fx
 
 from fxquant.analysis.structure import LinearSite
 from fxquant.ir import META_MODULE, CapturedGraph, ParamRef
-from fxquant.ops import OpClass, classify, is_dtype_cast, keeps_channels
+from fxquant.ops import OpClass, classify, is_dtype_cast
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -161,7 +161,3 @@ def _attention_values(node: Node, env: dict) -> torch.Tensor:
     groups = out_shape[-3] // labels.shape[-3]
     return labels.repeat_interleave(groups, dim=-3) if groups > 1 else labels
 
-
-def keeps_channel_path(path: list[Node]) -> bool:
-    """Every VIEW on `path` (ordered producer -> consumer) keeps channel identity."""
-    return all(keeps_channels(b, a) for a, b in zip(path, path[1:]))
