@@ -173,3 +173,30 @@ def test_qwen2_moe_shared_expert_and_its_gate():
     assert {w.module for w in s.stream.writers if "mlp" in w.module} == {
         f"model.layers.{i}.mlp.{m}" for i in range(L) for m in ("shared_expert.down_proj", "experts")}
     assert len(s.online_sites) == 2 * L and s.blocked == ()
+
+
+def _one_layer(arch, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fxquant.analysis import analyse
+    from fxquant.capture import capture
+
+    cfg = AutoConfig.for_model(arch, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    return analyse(capture(AutoModelForCausalLM.from_config(cfg).eval()))
+
+
+def test_parallel_attention_and_mlp_share_one_norm_and_one_add():
+    s = _one_layer("phi")  # x + attn(ln(x)) + mlp(ln(x)): no code for it, only data flow
+    p = "model.layers.0"
+    assert {g.norm.module: tuple(r.module for r in g.readers) for g in s.stream.groups} == {
+        f"{p}.input_layernorm": (f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj", f"{p}.mlp.fc1"),
+        "model.final_layernorm": ("lm_head",)}
+    assert {w.module for w in s.stream.writers} == {f"{p}.self_attn.dense", f"{p}.mlp.fc2"}
+    assert len(s.stream.adds) == 1 and s.blocked == ()
+
+
+def test_scaling_multipliers_commute_with_the_stream():
+    s = _one_layer("granite", residual_multiplier=0.5, embedding_multiplier=2.0)  # x*c on embeddings and writers
+    assert {w.module for w in s.stream.writers} == {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"}
+    assert len(s.stream.groups) == 3 and len(s.stream.adds) == 2 and s.blocked == ()
