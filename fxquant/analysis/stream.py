@@ -74,8 +74,8 @@ def _trace_writers(cg, start, add, inside_norm, writers, blocked):
             blocked.append(Blocked(node.name, norm.module, (
                 f"norm '{norm.module}' sits on a residual writer's output before add '{add.name}' "
                 "(a post-norm block): a rotation of the stream cannot pass through it")))
-        elif cls is OpClass.LINEAR and linear_site(cg, node) is not None:
-            writers.setdefault(node.name, linear_site(cg, node))
+        elif cls is OpClass.LINEAR and (site := linear_site(cg, node)) is not None:
+            writers.setdefault(node.name, site)
         elif cls is OpClass.VIEW and keeps_channels(node, node.args[0]):
             stack.append(node.args[0])
         elif cls is OpClass.COMMUTES_ORTHOGONAL and carried_input(node) is not None:
@@ -102,8 +102,8 @@ def _reader_groups(cg, stream, inside_norm, blocked) -> list[NormGroup]:
                 if match.site.node not in seen_norms:
                     seen_norms.add(match.site.node)
                     groups.append(NormGroup(match.site, _norm_readers(cg, match, blocked)))
-            elif classify(user) is OpClass.LINEAR and linear_input(user) is node and linear_site(cg, user):
-                direct.setdefault(node, []).append(linear_site(cg, user))
+            elif classify(user) is OpClass.LINEAR and linear_input(user) is node and (site := linear_site(cg, user)):
+                direct.setdefault(node, []).append(site)
             else:
                 what = "the graph output" if user.op == "output" else f"{_op_name(user)} ({classify(user).value})"
                 blocked.append(Blocked(user.name, module_of(user), (
@@ -123,8 +123,8 @@ def _norm_readers(cg, match: NormMatch, blocked) -> tuple:
             if user in match.nodes:
                 continue
             cls = classify(user)
-            if cls is OpClass.LINEAR and linear_input(user) is node and linear_site(cg, user):
-                readers.append(linear_site(cg, user))
+            if cls is OpClass.LINEAR and linear_input(user) is node and (site := linear_site(cg, user)):
+                readers.append(site)
             elif cls is OpClass.VIEW and keeps_channels(user, node):
                 frontier.append(user)
             else:
