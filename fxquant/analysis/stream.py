@@ -131,11 +131,8 @@ def _norm_readers(cg, match: NormMatch, blocked) -> tuple:
                 blocked.append(Blocked(user.name, module_of(user), (
                     f"reads the output of norm '{match.site.module}' but is {_op_name(user)}, not a "
                     "linear layer: the norm's weight cannot be folded past it")))
-    return tuple(sorted(readers, key=lambda r: _order(cg, r.node)))
-
-
-def _order(cg, name) -> int:
-    return next(i for i, n in enumerate(cg.graph.nodes) if n.name == name)
+    position = {n.name: i for i, n in enumerate(cg.graph.nodes)}  # graph order is topological
+    return tuple(sorted(readers, key=lambda r: position[r.node]))
 
 
 def _op_name(node) -> str:
