@@ -4,20 +4,23 @@
 
 The model stays the source of truth and the graph is the map: `capture` links every weight-reading
 node to the module and parameter it came from, `analyse` reads the graph into a frozen `Structure`,
-and passes (run by a `Pipeline`) edit the model through those links.
+and passes (run by a `Pipeline`) edit the model through those links. `quantize(model, recipe)`
+runs a recipe (an ordered list of passes) on a model in place.
 """
 from fxquant.analysis import Blocked, Structure, analyse
+from fxquant.api import apply_recipe, quantize
 from fxquant.capture import capture
 from fxquant.errors import (
-    CaptureError, FxquantError, ModelLoadError, NoHadamardError, PassError, RecipeError, UnsupportedPatternError,
+    CalibrationError, CaptureError, FxquantError, ModelLoadError, NoHadamardError, PassError, RecipeError, UnsupportedPatternError,
 )
 from fxquant.ir import CapturedGraph, ParamRef
 from fxquant.pipeline import Change, PassResult, Pipeline, Step, fxpass
+from fxquant.recipes import PRESETS, Recipe, load_recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
+    "quantize", "apply_recipe", "load_recipe", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
     "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
     "NoHadamardError", "RecipeError", "ModelLoadError", "PassError",
 ]

@@ -32,3 +32,7 @@ class ModelLoadError(FxquantError):
 
 class PassError(FxquantError):
     """A pass failed inside a Pipeline; the message names the pass and the passes that ran before it."""
+
+
+class CalibrationError(FxquantError):
+    """Calibration data has the wrong type, dtype or shape for the model."""

@@ -31,6 +31,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen2": dict(_COMMON),  # q/k/v biases
     "qwen3": dict(_COMMON, head_dim=16),  # q_norm / k_norm per head
     "mistral": dict(_COMMON),
+    "granite": dict(_COMMON, residual_multiplier=0.5, embedding_multiplier=2.0),  # scalar multipliers
+    "phi": dict(_COMMON),  # LayerNorm, parallel attention + MLP sharing one norm, lm_head bias
     "gemma": dict(_COMMON, head_dim=16),  # (1 + w) RMSNorm, scaled embedding, tied lm_head
     "phi3": dict(_COMMON),  # fused qkv_proj and gate_up_proj
     "opt": dict(  # LayerNorm with bias, ReLU MLP, learned positions, tied lm_head

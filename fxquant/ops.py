@@ -25,7 +25,7 @@ class OpClass(enum.Enum):
     COMMUTES_DIAG = "commutes_diag"  # relu(x D) = relu(x) D for positive diagonal D
     ELEMENTWISE = "elementwise"  # other pointwise math (gelu, silu, x*y, x+c): commutes with neither
     RESIDUAL_ADD = "residual_add"  # x + y of equal shape: (x T) + (y T) = (x + y) T
-    NORM = "norm"  # a fused norm op (layer_norm); decomposed RMSNorm is recognised by analysis.norms
+    NORM = "norm"  # a fused norm op (layer_norm, rms_norm); decomposed RMSNorm is recognised by analysis.norms
     ATTENTION = "attention"  # SDPA: output head h = weighted sum of value head kv(h) over tokens
     LINEAR = "linear"  # reads a weight: linear, addmm (Conv1D), matmul with a parameter
     EMBEDDING = "embedding"
@@ -58,6 +58,7 @@ _TABLE: dict[object, OpClass] = {
     **{op: OpClass.ELEMENTWISE for op in _POINTWISE},
     **{op: OpClass.IGNORE for op in _IGNORE},
     aten.layer_norm.default: OpClass.NORM,
+    aten.rms_norm.default: OpClass.NORM,  # torch.nn.RMSNorm (what layernorms_to_rms installs)
     aten.scaled_dot_product_attention.default: OpClass.ATTENTION,
     aten.linear.default: OpClass.LINEAR,
     aten.addmm.default: OpClass.LINEAR,

@@ -70,10 +70,15 @@ class PassInfo:
     requires: frozenset[str] = frozenset()
     provides: frozenset[str] = frozenset()
     invalidates: frozenset[str] = frozenset()
+    check: Callable | None = None
 
 
-def fxpass(requires=(), provides=(), invalidates=()):
+def fxpass(requires=(), provides=(), invalidates=(), check=None):
     """Declare a pass's facts; the Pipeline checks `requires` and acts on `invalidates`.
+
+    `check(cg, structure, cfg)`, when given, raises before *any* pass of the pipeline runs when the
+    pass could not succeed on this model (a group size that does not divide a layer): decide
+    before doing, so a late failure does not follow earlier edits.
 
     Example::
 
@@ -85,7 +90,7 @@ def fxpass(requires=(), provides=(), invalidates=()):
 
     def attach(fn):
         name = fn.__name__
-        fn.fxpass = PassInfo(name, _facts(name, requires), _facts(name, provides), _facts(name, invalidates))
+        fn.fxpass = PassInfo(name, _facts(name, requires), _facts(name, provides), _facts(name, invalidates), check)
         return fn
 
     return attach
@@ -162,6 +167,8 @@ def _why_missing(fact, step, later, provider, invalidator) -> str:
 
 
 def _after(done) -> str:
+    if done is None:
+        return "checked before any pass ran"
     return f"after [{', '.join(done)}]" if done else "as the first pass"
 
 
@@ -193,6 +200,7 @@ class _State:
     facts: set[str]
     inputs: tuple | None
     reference: Any = None
+    stale: bool = False  # the graph no longer matches the model: re-capture before it is read
     done: list[str] = field(default_factory=list)
     results: dict[str, PassResult] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
@@ -205,6 +213,9 @@ class Pipeline:
     `verify_inputs` is `(args, kwargs)` (or True for `cg.example_inputs`) to check after each pass
     that the float outputs match those before the first pass. `dump_dir` (or env FXQUANT_DUMP)
     receives `NN_<step>.txt` graph dumps. `analyse` and `capture` default to fxquant's own.
+    A pass that changed nothing invalidates nothing; a re-capture is deferred until a later pass
+    (or a dump) reads the graph, and `final_capture=False` skips the last one when only the model
+    matters (it is then `result.cg` that is stale: call `capture(model)` to see the final graph).
 
     Example::
 
@@ -221,6 +232,7 @@ class Pipeline:
     rtol: float = 1e-4
     dump_dir: str | os.PathLike | None = None
     log: logging.Logger | None = LOGGER
+    final_capture: bool = True
 
     def __post_init__(self):
         steps = tuple(s if isinstance(s, Step) else Step(s) for s in self.steps)
@@ -235,16 +247,23 @@ class Pipeline:
         check_order(self.steps, facts)
         inputs = self._inputs(cg)
         state = _State(cg, (self.analyse or _default_analyse)(cg), set(facts), inputs)
+        for step in self.steps:
+            if step.info.check is not None:
+                with _blame(step.name, None, "failed its check"):
+                    step.info.check(cg, state.structure, step.cfg)
         if inputs is not None:
             state.reference = model_outputs(cg.model, inputs)
         self._dump(state, 0, "input", "")
         for index, step in enumerate(self.steps, start=1):
+            self._refresh(state)
             with _blame(step.name, state.done):
                 result = step.fn(state.cg, state.structure, step.cfg)
             if not isinstance(result, PassResult):
                 raise PassError(f"pass {step.name!r} returned {type(result).__name__}, not a PassResult")
             self._settle(step, result, state)
             self._report(index, step, result, state)
+        if self.final_capture:
+            self._refresh(state)
         return PipelineResult(state.cg, state.structure, state.results, frozenset(state.facts), tuple(state.log))
 
     def _inputs(self, cg):
@@ -256,19 +275,27 @@ class Pipeline:
 
     def _settle(self, step: Step, result: PassResult, state: _State) -> None:
         """Re-capture / re-analyse as the pass declared, lint and recompile, then verify outputs."""
-        gone = step.info.invalidates
+        gone = step.info.invalidates if result.modified else frozenset()
         with _blame(step.name, state.done, "left a graph the pipeline could not rebuild or lint"):
-            if GRAPH in gone:
-                state.cg = self._recapture(state.cg)
+            state.stale = state.stale or GRAPH in gone
             state.cg.gm.graph.lint()
             state.cg.gm.recompile()
-            if GRAPH in gone or STRUCTURE in gone:
+            if STRUCTURE in gone and not state.stale:
                 state.structure = (self.analyse or _default_analyse)(state.cg)
         if state.inputs is not None:
             with _blame(step.name, state.done, "left a model that verification could not run"):
                 self._verify(step, state)
         state.facts = (state.facts - gone) | step.info.provides
         state.results[step.name] = result
+
+    def _refresh(self, state: _State) -> None:
+        """Re-capture and re-analyse a graph a pass left stale, blaming that pass on failure."""
+        if not state.stale:
+            return
+        with _blame(state.done[-1], state.done[:-1], "left a model the pipeline could not re-capture"):
+            state.cg = self._recapture(state.cg)
+            state.structure = (self.analyse or _default_analyse)(state.cg)
+        state.stale = False
 
     def _recapture(self, cg: CapturedGraph) -> CapturedGraph:
         args, kwargs = as_inputs(cg.example_inputs) if cg.example_inputs else ((), {})
@@ -308,6 +335,7 @@ class Pipeline:
         folder = self.dump_dir or os.environ.get("FXQUANT_DUMP")
         if not folder:
             return
+        self._refresh(state)
         from fxquant.viz.text import graph_text  # imported only when a dump is asked for
 
         path = Path(folder) / f"{index:02d}_{name}.txt"

@@ -1,0 +1,22 @@
+"""The pass library, installed as `fxquant.passes`: one pass family per module.
+
+`PASSES` maps each recipe key to its pass function and config class (None: the pass takes no
+configuration). Recipes name passes only through this table.
+"""
+from __future__ import annotations
+
+from fxquant.config import ActQuantConfig, NormFoldConfig, RotationConfig, WeightQuantConfig
+from fxquant.passes.fold_norms import fold_norms, layernorms_to_rms
+from fxquant.passes.quantize_activations import quantize_activations
+from fxquant.passes.quantize_weights import quantize_weights
+from fxquant.passes.rotate_residual import rotate_residual
+from fxquant.passes.rotate_vo import rotate_vo
+
+PASSES = {
+    "fold_norms": (fold_norms, NormFoldConfig),  # norm weights/bias -> readers; LayerNorm stream centred
+    "layernorms_to_rms": (layernorms_to_rms, None),  # centred LayerNorm -> weightless RMSNorm
+    "rotate_residual": (rotate_residual, RotationConfig),  # R1
+    "rotate_vo": (rotate_vo, RotationConfig),  # R2
+    "quantize_weights": (quantize_weights, WeightQuantConfig),  # RTN fake-quant weights
+    "quantize_activations": (quantize_activations, ActQuantConfig),  # per-token fake-quant inputs
+}

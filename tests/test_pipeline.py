@@ -69,7 +69,7 @@ def perturb_on_purpose(cg, structure, cfg):
 @fxpass(invalidates={"structure"})
 def touch_structure(cg, structure, cfg):
     cfg.append(structure)  # cfg is a list the test reads: the structure each call was given
-    return PassResult()
+    return PassResult((Change("touched", "structure"),))
 
 
 class HalveInput(torch.nn.Module):
@@ -195,6 +195,31 @@ def test_structure_invalidation_reanalyses_once_per_pass(tiny_llama):
     assert analyse.calls == 3  # once up front, once after each of a and c
     assert seen == [1, 2] and result.structure == 3
     assert result.cg is tiny_llama  # no re-capture without "graph"
+
+
+def test_a_pass_that_changed_nothing_invalidates_nothing(tiny_llama):
+    analyse, seen = CountingAnalyse(), []
+
+    @fxpass(invalidates={"structure", "graph"})
+    def no_op(cg, structure, cfg):
+        return PassResult()
+
+    result = Pipeline([no_op, Step(touch_structure, seen)], analyse=analyse).run(tiny_llama)
+    assert analyse.calls == 2 and seen == [1]  # up front, then after touch_structure only
+    assert result.cg is tiny_llama
+
+
+def test_recapture_waits_for_a_reader_and_final_capture_false_skips_it(tiny_llama):
+    captures = []
+
+    def counting_capture(model, example):
+        captures.append(example)
+        return capture(model, example)
+
+    result = Pipeline([insert_halving], capture=counting_capture, final_capture=False).run(tiny_llama)
+    assert captures == [] and result.cg is tiny_llama
+    Pipeline([insert_halving], capture=counting_capture).run(capture(tiny_model("llama")))
+    assert len(captures) == 1
 
 
 def test_graph_invalidation_recaptures_the_edited_model(tiny_llama):

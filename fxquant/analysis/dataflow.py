@@ -161,3 +161,29 @@ def _attention_values(node: Node, env: dict) -> torch.Tensor:
     groups = out_shape[-3] // labels.shape[-3]
     return labels.repeat_interleave(groups, dim=-3) if groups > 1 else labels
 
+
+
+def linear_sites(cg: CapturedGraph) -> list[tuple[LinearSite, bool]]:
+    """Every linear whose weight is a model parameter, in graph order, with whether it makes the output.
+
+    The output layer (lm_head) is the linear whose value reaches the graph's output through views
+    only; quantizers keep it in float by default, as QuaRot and llm-compressor do.
+    """
+    sites = []
+    for node in cg.graph.nodes:
+        site = linear_site(cg, node)
+        if site is not None:
+            sites.append((site, _reaches_output(node)))
+    return sites
+
+
+def _reaches_output(node: Node) -> bool:
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        for user in real_users(current):
+            if user.op == "output":
+                return True
+            if classify(user) is OpClass.VIEW:
+                frontier.append(user)
+    return False

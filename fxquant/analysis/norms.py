@@ -4,7 +4,7 @@ RMSNorm arrives decomposed from torch.export; it is recognised from its anchor, 
 
     x * rsqrt(mean(x ** 2, -1, keepdim) + eps)  [-> cast]  [* (w | 1 + w)]  [-> cast]
 
-LayerNorm arrives as one `aten.layer_norm`. Entry point: `find_norms(cg) -> NormMatches`.
+LayerNorm arrives as one `aten.layer_norm`, torch.nn.RMSNorm as one `aten.rms_norm`. Entry point: `find_norms(cg) -> NormMatches`.
 A norm-like anchor that fails a check is returned as Blocked with the failed check.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ def find_norms(cg: CapturedGraph) -> tuple[list[NormMatch], list[Blocked]]:
     for node in cg.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is aten.layer_norm.default:
-            found = _layer_norm(cg, node)
+        if node.target in (aten.layer_norm.default, aten.rms_norm.default):
+            found = _fused_norm(cg, node)
         elif node.target is aten.rsqrt.default:
             found = _rms_norm(cg, node)
         else:
@@ -42,16 +42,21 @@ def find_norms(cg: CapturedGraph) -> tuple[list[NormMatch], list[Blocked]]:
     return matches, blocked
 
 
-def _layer_norm(cg, node) -> NormMatch | Blocked:
+def _fused_norm(cg, node) -> NormMatch | Blocked:
+    """layer_norm(x, shape, w, b, eps) or rms_norm(x, shape, w, eps) over the last dim."""
+    layer = node.target is aten.layer_norm.default
     x, shape = node.args[0], node.args[1]
     weight = node.args[2] if len(node.args) > 2 else None
-    bias = node.args[3] if len(node.args) > 3 else None
-    eps = node.args[4] if len(node.args) > 4 else 1e-5
+    bias = node.args[3] if layer and len(node.args) > 3 else None
+    eps = node.args[4 if layer else 3] if len(node.args) > (4 if layer else 3) else None
+    if eps is None:  # torch's defaults: 1e-5 for layer_norm, the dtype's epsilon for rms_norm
+        eps = 1e-5 if layer else torch.finfo(_dtype_of(x)).eps
     width = shape_of(x)[-1]
     if list(shape) != [width]:
-        return Blocked(node.name, module_of(node), f"layer_norm over {list(shape)}, not the last dim only")
+        return Blocked(node.name, module_of(node), f"{node.target.__name__} over {list(shape)}, not the last dim only")
     site = NormSite(
-        node=node.name, input=x.name, module=module_of(node), kind="layer", eps=float(eps), width=width,
+        node=node.name, input=x.name, module=module_of(node), kind="layer" if layer else "rms", eps=float(eps),
+        width=width,
         weight=param_ref(cg, weight, node) if weight is not None else None,
         bias=param_ref(cg, bias, node) if bias is not None else None,
     )

@@ -1,0 +1,114 @@
+"""The public entry point: `quantize(model, recipe, calibration=None) -> model`.
+
+The same model object comes back, transformed in place (a Hugging Face model keeps `generate()`,
+its KV cache and `save_pretrained`). The one idea: decide before doing, and undo on failure. The
+recipe and calibration data are validated before capture; passes refuse before they edit; and if
+anything still fails mid-way, every parameter, submodule and hook is restored, so an error leaves
+the model exactly as it was. Float-preserving passes are verified on the capture's example inputs
+(max |diff| <= tolerance * max |logit|).
+
+Example::
+
+    model = fxquant.quantize(model, "rotate-r1r2")            # same function, rotated weights
+    model = fxquant.quantize(model, {"preset": "w4a16", "group_size": 64})
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from fxquant.capture import capture
+from fxquant.errors import CalibrationError
+from fxquant.pipeline import Pipeline, PipelineResult
+from fxquant.recipes import load_recipe
+from fxquant.verify import model_outputs
+
+TOLERANCE = 2e-4  # float passes: max |diff| <= TOLERANCE * max |logit| on the example inputs
+
+
+def quantize(model: torch.nn.Module, recipe, calibration=None, *, verify: bool = True) -> torch.nn.Module:
+    """Apply `recipe` (preset name, dict, TOML/YAML path) to `model` in place and return it."""
+    apply_recipe(model, recipe, calibration, verify=verify)
+    return model
+
+
+def apply_recipe(model, recipe, calibration=None, *, verify: bool = True) -> PipelineResult:
+    """`quantize`, returning the PipelineResult (per-pass changes and the log) instead of the model."""
+    recipe = load_recipe(recipe)
+    batches = calibration_batches(calibration)
+    snapshot = _Snapshot(model)
+    try:
+        start = time.perf_counter()
+        cg = capture(model)
+        cg.meta["calibration"] = batches
+        atol = TOLERANCE * model_outputs(model, cg.example_inputs).abs().max().item() if verify else 0.0
+        pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if verify else None, atol=atol, rtol=0.0,
+                            final_capture=False)
+        result = pipeline.run(cg)
+    except BaseException:
+        snapshot.restore()
+        raise
+    seconds = time.perf_counter() - start
+    log = (f"recipe {recipe}", *result.log, f"applied in {seconds:.1f} s (capture {cg.capture_seconds:.1f} s)")
+    return PipelineResult(result.cg, result.structure, result.results, result.facts, log)
+
+
+def calibration_batches(calibration) -> list[dict]:
+    """Normalise calibration data to a list of model-input dicts; raise CalibrationError when malformed.
+
+    Accepts None, a LongTensor [n, seq] (one batch of n sequences), or an iterable of LongTensors
+    ([seq] or [b, seq]) or of dicts of model inputs (each with `input_ids`).
+    """
+    if calibration is None:
+        return []
+    items = [calibration] if isinstance(calibration, torch.Tensor) else calibration
+    if isinstance(items, dict) or not isinstance(items, Iterable):
+        raise CalibrationError(f"calibration must be a LongTensor [n, seq] or an iterable of tensors or input "
+                               f"dicts, not {type(calibration).__name__}")
+    return [_batch(i, item) for i, item in enumerate(items)]
+
+
+def _batch(index: int, item) -> dict:
+    if isinstance(item, dict):
+        ids = item.get("input_ids")
+        if not isinstance(ids, torch.Tensor):
+            raise CalibrationError(f"calibration[{index}] is a dict without an 'input_ids' tensor")
+        return {**item, "input_ids": _ids(index, ids)}
+    if isinstance(item, torch.Tensor):
+        return {"input_ids": _ids(index, item)}
+    raise CalibrationError(f"calibration[{index}] is a {type(item).__name__}, not a tensor or an input dict")
+
+
+def _ids(index: int, ids: torch.Tensor) -> torch.Tensor:
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2) or ids.numel() == 0:
+        raise CalibrationError(f"calibration[{index}]: token ids must be a non-empty integer tensor [seq] or "
+                               f"[batch, seq], got {ids.dtype} of shape {tuple(ids.shape)}")
+    return ids.long().reshape(1, -1) if ids.dim() == 1 else ids.long()
+
+
+class _Snapshot:
+    """Every submodule, parameter (and its values), buffer and forward pre-hook of a model, to restore."""
+
+    SLOTS = ("_modules", "_parameters", "_buffers", "_forward_pre_hooks")
+
+    def __init__(self, model: torch.nn.Module):
+        self.saved = [(m, {slot: dict(getattr(m, slot)) for slot in self.SLOTS}) for m in model.modules()]
+        tensors = [t for _, slots in self.saved for slot in ("_parameters", "_buffers")
+                   for t in slots[slot].values() if t is not None]
+        self.values = {id(t): (t, t.detach().clone()) for t in tensors}
+        config = getattr(model, "config", None)
+        self.config = (config, dict(vars(config))) if config is not None else None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for module, slots in self.saved:
+            for slot, entries in slots.items():
+                getattr(module, slot).clear()
+                getattr(module, slot).update(entries)
+        for tensor, value in self.values.values():
+            tensor.copy_(value)
+        if self.config is not None:
+            vars(self.config[0]).clear()
+            vars(self.config[0]).update(self.config[1])

@@ -1,0 +1,111 @@
+"""Pass configurations: frozen dataclasses, validated when built, serialised through an allow-list.
+
+Entry points: the `*Config` classes, `config_from_dict(cls, fields)` and `config_to_dict(cfg)`.
+The one idea: a config is plain data checked at construction (a bad value fails before any model
+is touched, with the allowed values in the message), and it round-trips to a dict / TOML table
+keyed by `_type`, resolved through `CONFIG_TYPES`, never by pickle or import paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fxquant.errors import RecipeError
+
+ROTATION_KINDS = ("hadamard", "random-hadamard", "random-orthogonal")  # = fxquant.hadamard.KINDS
+PRECISIONS = ("float64", "float32")
+
+
+def _one_of(owner: str, field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{owner}.{field} = {value!r} is not one of {list(allowed)}")
+
+
+def _int_in(owner: str, field: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RecipeError(f"{owner}.{field} = {value!r} must be an integer in [{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class NormFoldConfig:
+    """fold_norms: the float precision the folding math runs in."""
+
+    precision: str = "float64"
+
+    def __post_init__(self):
+        _one_of("NormFoldConfig", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """R1 / R2: which orthogonal matrix (`rotation`), its seed, an optional block-diagonal size."""
+
+    rotation: str = "random-hadamard"
+    seed: int = 0
+    block_size: int | None = None
+    precision: str = "float64"
+
+    def __post_init__(self):
+        _one_of("RotationConfig", "rotation", self.rotation, ROTATION_KINDS)
+        _int_in("RotationConfig", "seed", self.seed, 0, 2 ** 63 - 1)
+        if self.block_size is not None:
+            _int_in("RotationConfig", "block_size", self.block_size, 1, 2 ** 20)
+            if self.rotation == "random-orthogonal":
+                raise RecipeError("RotationConfig.block_size applies to 'hadamard' and 'random-hadamard' only")
+        _one_of("RotationConfig", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """Round-to-nearest weights: `bits`, symmetric or not, per output channel or in input groups."""
+
+    bits: int = 8
+    symmetric: bool = True
+    group_size: int | None = None  # None: one scale per output channel
+    clip_ratio: float = 1.0
+
+    def __post_init__(self):
+        _one_of("WeightQuantConfig", "bits", self.bits, (2, 3, 4, 8))
+        _one_of("WeightQuantConfig", "symmetric", self.symmetric, (True, False))
+        if self.group_size is not None:
+            _int_in("WeightQuantConfig", "group_size", self.group_size, 1, 2 ** 20)
+        if not isinstance(self.clip_ratio, (int, float)) or not 0 < self.clip_ratio <= 1:
+            raise RecipeError(f"WeightQuantConfig.clip_ratio = {self.clip_ratio!r} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """Dynamic per-token activation fake-quant on every quantized linear's input."""
+
+    bits: int = 8
+    symmetric: bool = True
+
+    def __post_init__(self):
+        _one_of("ActQuantConfig", "bits", self.bits, (4, 8))
+        _one_of("ActQuantConfig", "symmetric", self.symmetric, (True, False))
+
+
+CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, WeightQuantConfig, ActQuantConfig)}
+
+
+def config_fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def config_from_dict(cls, fields: dict, where: str = ""):
+    """Build `cls` from a dict, naming any unknown field and listing the allowed ones."""
+    unknown = sorted(set(fields) - set(config_fields(cls)) - {"_type"})
+    if unknown:
+        raise RecipeError(f"{where or cls.__name__}: unknown field {unknown[0]!r}; "
+                          f"allowed fields are {list(config_fields(cls))}")
+    if fields.get("_type", cls.__name__) != cls.__name__:
+        raise RecipeError(f"{where or cls.__name__}: _type {fields['_type']!r} is not {cls.__name__!r}")
+    return cls(**{k: v for k, v in fields.items() if k != "_type"})
+
+
+def config_to_dict(cfg) -> dict:
+    """`{"_type": "RotationConfig", "rotation": ..., ...}`; None-valued fields are left out (TOML has no null)."""
+    if type(cfg).__name__ not in CONFIG_TYPES:
+        raise RecipeError(f"{type(cfg).__name__} is not a registered config type {sorted(CONFIG_TYPES)}")
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    return {"_type": type(cfg).__name__, **fields}

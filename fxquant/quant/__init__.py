@@ -1,0 +1,1 @@
+"""Quantization: integer numerics (a leaf) and the configs of quantizing passes."""

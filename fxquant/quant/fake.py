@@ -1,0 +1,36 @@
+"""Fake-quant of activations at run time: a forward pre-hook that rounds a layer's input per token.
+
+Entry points: `ActivationFakeQuant` (the hook), `activation_hooks(model)` (what is installed).
+The one idea: the hook lives on the model itself, so `generate()`, the KV cache and a re-capture all
+see it (torch.export records its ops as graph nodes); nothing in the graph is patched by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxquant.quant.numerics import fake_quantize
+
+
+@dataclass(frozen=True)
+class ActivationFakeQuant:
+    """Forward pre-hook: x -> fake_quantize(x) over the last dim (per token), symmetric or not."""
+
+    bits: int = 8
+    symmetric: bool = True
+
+    def __call__(self, module: torch.nn.Module, args: tuple):
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return None
+        return (fake_quantize(args[0], self.bits, self.symmetric), *args[1:])
+
+
+def activation_hooks(model: torch.nn.Module) -> dict[str, ActivationFakeQuant]:
+    """Module path -> the activation fake-quant hook installed on it."""
+    found = {}
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, ActivationFakeQuant):
+                found[name] = hook
+    return found

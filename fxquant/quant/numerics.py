@@ -1,0 +1,72 @@
+"""Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
+
+Entry points: `qrange`, `quantize`, `dequantize`, `fake_quantize`. The one idea: scales are computed
+over the last dimension, whole (per output channel of a `[out, in]` weight, per token of an
+activation) or in groups of `group_size` consecutive entries; symmetric ranges are
+[-2^(b-1), 2^(b-1)-1] with scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer
+zero point. Pure tensor math: no fx, no modules.
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a `bits`-bit integer: signed for symmetric, unsigned for asymmetric."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View x as [..., groups, group_size] (one group = the whole last dim when group_size is None)."""
+    n = x.shape[-1]
+    g = n if group_size is None else group_size
+    if n % g:
+        raise ValueError(f"last dimension {n} is not a multiple of group_size {g}")
+    return x.reshape(*x.shape[:-1], n // g, g)
+
+
+def qparams(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+            clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group (scale, zero_point) of x, shaped [..., groups, 1]; zero_point is None when symmetric.
+
+    `clip_ratio` < 1 shrinks the range before rounding (clipped outliers for finer steps elsewhere).
+    """
+    g = _grouped(x.float(), group_size)
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = g.abs().amax(dim=-1, keepdim=True) * clip_ratio
+        return (amax / qmax).clamp_min(EPS), None
+    lo = g.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
+    hi = g.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize(x, scale, zero, bits: int, symmetric: bool, group_size: int | None = None) -> torch.Tensor:
+    """Integers q = clamp(round(x / scale) + zero) in x's grouped layout, flattened back to x's shape."""
+    qmin, qmax = qrange(bits, symmetric)
+    q = torch.round(_grouped(x.float(), group_size) / scale)
+    if zero is not None:
+        q = q + zero
+    return q.clamp(qmin, qmax).reshape(x.shape)
+
+
+def dequantize(q, scale, zero, group_size: int | None = None, dtype=torch.float32) -> torch.Tensor:
+    """x_hat = (q - zero) * scale, in `dtype`."""
+    g = _grouped(q.float(), group_size)
+    if zero is not None:
+        g = g - zero
+    return (g * scale).reshape(q.shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+                  clip_ratio: float = 1.0) -> torch.Tensor:
+    """Round x to its nearest representable value (quantize then dequantize), in x's dtype."""
+    scale, zero = qparams(x, bits, symmetric, group_size, clip_ratio)
+    q = quantize(x, scale, zero, bits, symmetric, group_size)
+    return dequantize(q, scale, zero, group_size, x.dtype)

@@ -1,0 +1,109 @@
+"""The only code that edits a model's parameters: rotations, scales, centring, untying, replacement.
+
+Entry points: `rotate_in`, `rotate_out`, `scale_in`, `shift_in`, `center_out`, `untie`, `assign`.
+The one idea: every linear weight is handled in one canonical layout, `[..., out, in]` (y = x W^T),
+whatever its storage (Conv1D and some MoE experts store `[in, out]`: `transposed=True`; an
+embedding table `[vocab, hidden]` is a transposed linear from one-hot ids). The math runs under
+no_grad in `precision` (float64 by default) and is written back in the parameter's own dtype, in
+place, so every module, hook and tie that holds the tensor sees the new values.
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_PRECISION = torch.float64
+Span = tuple[int, int] | None  # a [start, end) slice of the rows (outputs) or columns (inputs)
+
+
+def _canonical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A view of `weight` as [..., out, in]."""
+    return weight.transpose(-1, -2) if transposed else weight
+
+
+def _write(target: torch.Tensor, value: torch.Tensor) -> None:
+    target.copy_(value.to(target.dtype))
+
+
+@torch.no_grad()
+def rotate_in(weight, q, *, transposed=False, cols: Span = None, precision=DEFAULT_PRECISION) -> None:
+    """The layer's input is rotated (x' = x Q), so undo it in the weight: W' = W Q  =>  x' W'^T = x W^T.
+
+    `cols` restricts Q to one span of input columns (one attention head of o_proj).
+    """
+    w = _canonical(weight, transposed)
+    part = w if cols is None else w[..., :, cols[0]:cols[1]]
+    _write(part, part.to(precision) @ q.to(precision))
+
+
+@torch.no_grad()
+def rotate_out(weight, bias, q, *, transposed=False, rows: Span = None, precision=DEFAULT_PRECISION) -> None:
+    """Rotate the layer's output (y' = y Q): W' = Q^T W and b' = b Q  =>  x W'^T + b' = (x W^T + b) Q.
+
+    `rows` restricts Q to one span of output rows (one value head of a fused qkv projection).
+    """
+    w = _canonical(weight, transposed)
+    part = w if rows is None else w[..., rows[0]:rows[1], :]
+    qd = q.to(precision)
+    _write(part, qd.T @ part.to(precision))
+    if bias is not None:
+        b = bias if rows is None else bias[..., rows[0]:rows[1]]
+        _write(b, b.to(precision) @ qd)
+
+
+@torch.no_grad()
+def scale_in(weight, scale, *, transposed=False, precision=DEFAULT_PRECISION) -> None:
+    """The layer's input was multiplied by `scale` per channel, now it is not: W' = W diag(s)."""
+    w = _canonical(weight, transposed)
+    _write(w, w.to(precision) * scale.to(precision))
+
+
+@torch.no_grad()
+def shift_in(weight, bias, shift, *, transposed=False, precision=DEFAULT_PRECISION) -> None:
+    """The layer's input lost a constant `shift` (x = x' + c): b' = b + W c  =>  x' W^T + b' = x W^T + b."""
+    w = _canonical(weight, transposed)
+    _write(bias, bias.to(precision) + w.to(precision) @ shift.to(precision))
+
+
+@torch.no_grad()
+def center_out(weight, bias, *, transposed=False, precision=DEFAULT_PRECISION) -> None:
+    """Remove the mean over output channels: W' = C W, b' = C b with C = I - 11^T/n.
+
+    Exact for a model whose every reader of these outputs subtracts the mean itself (LayerNorm).
+    """
+    w = _canonical(weight, transposed)
+    wd = w.to(precision)
+    _write(w, wd - wd.mean(dim=-2, keepdim=True))
+    if bias is not None:
+        bd = bias.to(precision)
+        _write(bias, bd - bd.mean(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def assign(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Overwrite a parameter's values in place (fake-quantized weights, folded norm weights)."""
+    _write(target, value)
+
+
+def untie(module: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    """Give `module.name` its own copy of a tensor it shares with another module (tied embeddings)."""
+    shared = getattr(module, name)
+    own = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    setattr(module, name, own)
+    return own
+
+
+@torch.no_grad()
+def add_bias(module: torch.nn.Module, out_features: int, like: torch.Tensor) -> torch.nn.Parameter:
+    """Give a bias-free linear a zero bias (a folded LayerNorm bias needs somewhere to go)."""
+    bias = torch.nn.Parameter(torch.zeros(out_features, dtype=like.dtype, device=like.device))
+    module.bias = bias
+    return bias
+
+
+def replace_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> torch.nn.Module:
+    """Swap the submodule at `path` for `new` (a LayerNorm that became an RMSNorm); returns the old one."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

@@ -1,0 +1,43 @@
+"""Dynamic per-token activation quantization, as fake-quant hooks on each linear's input.
+
+    y = linear(x)   ->   y = linear(dequant(quant(x)))   with one scale per token (row of x)
+
+A hook sits on the module that owns a linear only when that module's input *is* the linear's input
+(nn.Linear, GPT-2's Conv1D); a linear inside a larger module (a stacked-expert MoE block) is
+reported as blocked, never silently skipped. The output layer stays in float.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from fxquant.analysis.dataflow import linear_sites
+from fxquant.analysis.structure import Blocked
+from fxquant.config import ActQuantConfig
+from fxquant.pipeline import Change, PassResult, fxpass
+from fxquant.quant.fake import ActivationFakeQuant, activation_hooks
+
+LINEAR_MODULES = (torch.nn.Linear, Conv1D)  # modules whose forward input is the linear's input
+
+
+@fxpass(invalidates={"outputs", "graph"}, provides={"activations_quantized"})
+def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResult:
+    """Install a per-token fake-quant hook on the input of every linear but the output layer."""
+    cfg = cfg or ActQuantConfig()
+    sites = [site for site, is_output in linear_sites(cg) if not is_output]
+    runs = Counter(site.module for site in sites)
+    installed = activation_hooks(cg.model)
+    changes, blocked = [], []
+    for site in sites:
+        module = cg.model.get_submodule(site.module)
+        if not isinstance(module, LINEAR_MODULES) or runs[site.module] > 1:
+            blocked.append(Blocked(site.node, site.module, "linear runs inside a larger module: its input "
+                                                            "cannot be quantized by a hook on the module"))
+            continue
+        if site.module in installed:
+            continue
+        module.register_forward_pre_hook(ActivationFakeQuant(cfg.bits, cfg.symmetric))
+        changes.append(Change("act-quant", site.module, f"int{cfg.bits} per token"))
+    return PassResult(tuple(changes), tuple(blocked))

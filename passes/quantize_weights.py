@@ -1,0 +1,60 @@
+"""Round-to-nearest weight quantization, as fake-quant: each weight is replaced by its nearest
+representable value (int8 per output channel, or int4 in groups of input channels), in place.
+
+    W' = dequant(quant(W))   with scales over each row of the canonical [out, in] layout
+
+The output layer (lm_head) stays in float. Every layer's `in_features` is checked against
+`group_size` before any weight changes. The numerics are `fxquant.quant.numerics`, the reference
+the packed kernels of later passes must match.
+"""
+from __future__ import annotations
+
+from fxquant.analysis.dataflow import linear_sites
+from fxquant.config import WeightQuantConfig
+from fxquant.errors import RecipeError
+from fxquant.pipeline import Change, PassResult, fxpass
+from fxquant.quant.numerics import fake_quantize
+from fxquant.weights import assign
+
+
+def _fitting_groups(sizes: list[int]) -> list[int]:
+    return [g for g in (32, 64, 128, 256) if all(n % g == 0 for n in sizes)]
+
+
+def _quantized_sites(cg):
+    return [site for site, is_output in linear_sites(cg) if not is_output]
+
+
+def check_group_size(cg, structure, cfg: WeightQuantConfig | None) -> None:
+    """Raise RecipeError naming the first layer whose input width the group size does not divide."""
+    group_size = (cfg or WeightQuantConfig()).group_size
+    if group_size is None:
+        return
+    sites = _quantized_sites(cg)
+    for site in sites:
+        if site.in_features % group_size:
+            fits = _fitting_groups([s.in_features for s in sites])
+            raise RecipeError(
+                f"group_size={group_size} does not divide in_features={site.in_features} of layer "
+                f"'{site.module}' (node '{site.node}'); nothing was changed. Group sizes that fit every "
+                f"layer of this model: {fits or 'none of 32/64/128/256; use group_size=None (per channel)'}")
+
+
+@fxpass(invalidates={"outputs"}, provides={"weights_quantized"}, check=check_group_size)
+def quantize_weights(cg, structure, cfg: WeightQuantConfig | None) -> PassResult:
+    """Fake-quantize every linear weight but the output layer's (round to nearest)."""
+    cfg = cfg or WeightQuantConfig()
+    check_group_size(cg, structure, cfg)
+    sites = _quantized_sites(cg)
+    seen, changes = set(), []
+    for site in sites:
+        weight = cg.param(site.weight)
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        w = weight.detach().transpose(-1, -2) if site.transposed else weight.detach()  # [.., out, in]
+        q = fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
+        assign(weight, q.transpose(-1, -2) if site.transposed else q)
+        how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
+        changes.append(Change("quantized", site.module, f"int{cfg.bits} {'sym' if cfg.symmetric else 'asym'} {how}"))
+    return PassResult(tuple(changes))

@@ -1,0 +1,87 @@
+"""R1 (SpinQuant / QuaRot): rotate the whole residual stream by one orthogonal Q, folded into weights.
+
+    embeddings:  E' = E Q                 (the stream starts rotated: x' = x Q)
+    writers:     W' = Q^T W,  b' = b Q     (each residual add stays rotated)
+    readers:     W' = W Q                  (x' W'^T = x Q Q^T W^T = x W^T)
+
+Weightless RMSNorms in between commute with Q (||x Q|| = ||x||), so the float model computes the same
+function, while the stream (and every reader's weight) loses its outlier channels. Requires
+`fold_norms` (and `layernorms_to_rms` for LayerNorm models). Tied embeddings stay tied: the
+embedding and a tied lm_head both become E Q, so the shared tensor is rotated once.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxquant.config import RotationConfig
+from fxquant.errors import UnsupportedPatternError
+from fxquant.hadamard import rotation_matrix
+from fxquant.pipeline import Change, PassResult, fxpass
+from fxquant.weights import rotate_in, rotate_out
+
+NORM_ATOL = 1e-6  # a folded norm weight must be this close to its identity value
+
+
+def refuse_unfolded_norms(cg, structure, purpose: str) -> None:
+    """Raise before any edit when a stream norm still scales or centres its input."""
+    for group in structure.stream.groups:
+        norm = group.norm
+        if norm is None:
+            continue
+        if norm.kind == "layer":
+            raise UnsupportedPatternError(
+                f"{purpose} refused, nothing was changed: LayerNorm '{norm.module}' subtracts the mean, which "
+                "does not commute with a rotation; run fold_norms then layernorms_to_rms first")
+        if norm.weight is not None:
+            w = cg.param(norm.weight).detach().double() + norm.offset
+            if not torch.allclose(w, torch.ones_like(w), atol=NORM_ATOL, rtol=0):
+                raise UnsupportedPatternError(
+                    f"{purpose} refused, nothing was changed: norm '{norm.module}' still has a weight "
+                    "(a rotation does not commute with a per-channel scale); run fold_norms first")
+
+
+def _edits(structure):
+    """(role, module, ParamRef, bias ParamRef, transposed) for each tensor R1 touches, in graph order."""
+    for src in structure.stream.sources:
+        yield "embedding", src.module, src.weight, None, True  # [vocab, hidden]: E' = E Q
+    for w in structure.stream.writers:
+        yield "writer", w.module, w.weight, w.bias, w.transposed
+    for group in structure.stream.groups:
+        for r in group.readers:
+            yield "reader", r.module, r.weight, None, r.transposed
+
+
+def _math(role: str, transposed: bool) -> str:
+    """The identity an edit applies to the stored tensor, to detect ties that need the same edit."""
+    if role == "reader":
+        return "T @ Q" if not transposed else "Q^T @ T"
+    return "T @ Q" if transposed else "Q^T @ T"  # embedding / writer: rotate the output channels
+
+
+@fxpass(requires={"norms_folded"}, provides={"residual_rotated"})
+def rotate_residual(cg, structure, cfg: RotationConfig | None) -> PassResult:
+    """Fold one orthogonal Q (R1) into every embedding, residual writer and residual reader."""
+    cfg = cfg or RotationConfig()
+    structure.refuse_if_blocked("rotate_residual (R1)")
+    refuse_unfolded_norms(cg, structure, "rotate_residual (R1)")
+    prec = getattr(torch, cfg.precision)
+    q = rotation_matrix(cfg.rotation, structure.stream.width, seed=cfg.seed, block_size=cfg.block_size,
+                        dtype=prec)
+    done: dict[int, tuple[str, str]] = {}  # id(tensor) -> (math, module): a tied tensor is edited once
+    changes = []
+    for role, module, ref, bias, transposed in _edits(structure):
+        tensor, math = cg.param(ref), _math(role, transposed)
+        if id(tensor) in done:
+            if done[id(tensor)][0] != math:
+                raise UnsupportedPatternError(
+                    f"rotate_residual (R1): '{ref.fqn}' is tied to '{done[id(tensor)][1]}' but needs a different "
+                    "rotation there; untie them (fold_norms does so when it scales a tied reader)")
+            changes.append(Change("shared", module, f"tied to {done[id(tensor)][1]}, rotated once"))
+            continue
+        done[id(tensor)] = (math, module)
+        if role == "reader":
+            rotate_in(tensor, q, transposed=transposed, precision=prec)
+        else:
+            rotate_out(tensor, cg.param(bias) if bias else None, q, transposed=transposed, precision=prec)
+        changes.append(Change("rotated", module, f"R1 {role}"))
+    return PassResult(tuple(changes))

@@ -1,0 +1,41 @@
+"""R2 (SpinQuant): rotate each attention head's value space, folded into v_proj rows and o_proj columns.
+
+    v rows of KV head k:          W_v' = R^T W_v,  b_v' = b_v R     (v' = v R)
+    o columns of each query head
+    that reads KV head k (GQA):   W_o' = W_o R                      (attn' = attn R  =>  o unchanged)
+
+Attention mixes value rows with weights that sum over tokens, never over channels, so a right
+multiplication of v by R reaches o's input unchanged. One R (head_dim x head_dim) per layer, shared
+by its heads; layer i draws seed `cfg.seed + i` so layers differ. Fused qkv (phi3, GPT-2 c_attn) is
+covered by the row spans analysis computed.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxquant.config import RotationConfig
+from fxquant.hadamard import rotation_matrix
+from fxquant.pipeline import Change, PassResult, fxpass
+from fxquant.weights import rotate_in, rotate_out
+
+
+@fxpass(provides={"values_rotated"})
+def rotate_vo(cg, structure, cfg: RotationConfig | None) -> PassResult:
+    """Fold one orthogonal R per layer (R2) into each v->o chain, per KV head, GQA-aware."""
+    cfg = cfg or RotationConfig()
+    structure.refuse_if_blocked("rotate_vo (R2)")
+    prec = getattr(torch, cfg.precision)
+    changes = []
+    for index, chain in enumerate(structure.vo_chains):
+        r = rotation_matrix(cfg.rotation, chain.head_dim, seed=cfg.seed + index, block_size=cfg.block_size,
+                            dtype=prec)
+        v_w = cg.param(chain.v.weight)
+        v_b = cg.param(chain.v.bias) if chain.v.bias else None
+        o_w = cg.param(chain.o.weight)
+        for head in chain.heads:
+            rotate_out(v_w, v_b, r, transposed=chain.v.transposed, rows=head.v_rows, precision=prec)
+            for cols in head.o_cols:
+                rotate_in(o_w, r, transposed=chain.o.transposed, cols=cols, precision=prec)
+        changes.append(Change("rotated", chain.v.module, f"R2 {chain.num_kv_heads} value heads -> "
+                                                          f"{chain.num_q_heads} heads of {chain.o.module}"))
+    return PassResult(tuple(changes))

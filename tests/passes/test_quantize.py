@@ -1,0 +1,75 @@
+"""Round-to-nearest fake-quant passes: grids, hooks the graph shows, the output layer kept, quality."""
+from __future__ import annotations
+
+import torch
+
+from fxquant import apply_recipe, quantize
+from fxquant.capture import capture
+from fxquant.models import tiny_model
+from fxquant.quant.fake import ActivationFakeQuant, activation_hooks
+from fxquant.viz.text import op_counts
+
+
+def _ids(seed=0):
+    return torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def test_w8a8_puts_weights_on_a_per_channel_grid_and_hooks_every_linear_but_lm_head():
+    model = tiny_model("llama")
+    head = model.lm_head.weight.detach().clone()
+    result = apply_recipe(model, "w8a8")
+    assert result.results["quantize_weights"].summary() == "14 quantized, 0 blocked"  # 7 linears x 2 layers
+    w = model.model.layers[0].mlp.down_proj.weight.detach()
+    steps = w.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.allclose(w / steps, (w / steps).round(), atol=1e-3)
+    assert torch.equal(model.lm_head.weight, head)
+    hooks = activation_hooks(model)
+    assert len(hooks) == 14 and "lm_head" not in hooks
+    assert set(hooks.values()) == {ActivationFakeQuant(8, True)}
+
+
+def test_a_recapture_shows_the_activation_quant_ops_as_nodes():
+    model = tiny_model("llama")
+    before = op_counts(capture(model).gm).get("aten.round.default", 0)
+    quantize(model, "w8a8")
+    assert op_counts(capture(model).gm)["aten.round.default"] == before + 14
+
+
+def test_w4a16_groups_and_generate_still_works():
+    model = tiny_model("llama")
+    quantize(model, {"preset": "w4a16", "group_size": 32})
+    w = model.model.layers[1].self_attn.o_proj.weight.detach()
+    assert max(g.unique().numel() for g in w.reshape(-1, 32)) <= 16
+    out = model.generate(_ids()[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 20)
+
+
+def test_moe_experts_are_quantized_and_their_inner_inputs_reported_blocked():
+    result = apply_recipe(tiny_model("mixtral"), "w8a8")
+    blocked = result.results["quantize_activations"].blocked
+    # the router (a Linear-like module of its own class) and the stacked experts: named, not dropped
+    assert {b.module.rsplit(".", 1)[1] for b in blocked} == {"gate", "experts"}
+    assert any(c.target.endswith("experts") for c in result.results["quantize_weights"].changes)
+
+
+def _outlier_model():
+    """A tiny llama whose norms emit two huge channels, the activation outliers real LLMs have."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 40]] *= 20.0
+            layer.post_attention_layernorm.weight[[3, 40]] *= 20.0
+    return model
+
+
+def _error(preset):
+    model, ids = _outlier_model(), _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        quantize(model, preset)
+        return (model(ids).logits - ref).pow(2).mean().item()
+
+
+def test_rotation_makes_int8_and_int4_activations_more_accurate_on_outlier_channels():
+    assert _error("rotate-r1r2-w8a8") < _error("w8a8")
+    assert _error("rotate-r1r2-w16a4") < _error("w16a4")

@@ -1,0 +1,118 @@
+"""Recipes and the public API: presets, dict overrides, files, errors that list what is allowed,
+calibration checks, and an error that leaves the model exactly as it was."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant import PRESETS, quantize
+from fxquant.api import calibration_batches
+from fxquant.config import RotationConfig, WeightQuantConfig
+from fxquant.errors import CalibrationError, RecipeError, UnsupportedPatternError
+from fxquant.models import tiny_model
+from fxquant.recipes import load_recipe
+
+
+def test_presets_are_the_documented_ones():
+    assert set(PRESETS) == {"rotate-r1r2", "w8a8", "w4a8", "w4a16", "w16a4", "rotate-r1r2-w8a8",
+                            "rotate-r1r2-w4a8", "rotate-r1r2-w4a16", "rotate-r1r2-w16a4"}
+    r = load_recipe("rotate-r1r2")
+    assert [k for k, _ in r.steps] == ["fold_norms", "layernorms_to_rms", "rotate_residual", "rotate_vo"]
+    assert r.steps[2][1] == RotationConfig("random-hadamard", 0)
+
+
+def test_dict_overrides_every_pass_that_has_the_field():
+    r = load_recipe({"preset": "rotate-r1r2-w4a16", "rotation": "random-orthogonal", "seed": 3, "group_size": 64})
+    cfgs = dict(r.steps)
+    assert cfgs["rotate_residual"] == cfgs["rotate_vo"] == RotationConfig("random-orthogonal", 3)
+    assert cfgs["quantize_weights"] == WeightQuantConfig(bits=4, symmetric=False, group_size=64)
+
+
+def test_toml_and_yaml_files_and_the_dict_round_trip(tmp_path):
+    (tmp_path / "mine.toml").write_text(
+        'rotation = "hadamard"\n[[passes]]\npass = "fold_norms"\n[[passes]]\npass = "rotate_residual"\nseed = 7\n')
+    r = load_recipe(tmp_path / "mine.toml")
+    assert r.name == "mine" and r.steps[1][1] == RotationConfig("hadamard", 7)
+    (tmp_path / "w.yaml").write_text("preset: w4a16\ngroup_size: 32\n")
+    assert dict(load_recipe(str(tmp_path / "w.yaml")).steps)["quantize_weights"].group_size == 32
+    again = load_recipe(load_recipe("rotate-r1r2-w8a8").to_dict())
+    assert again == load_recipe("rotate-r1r2-w8a8")
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("rotate-everything", r"unknown preset 'rotate-everything'; presets are \[.*'rotate-r1r2'"),
+    ({"passes": [{"pass": "spin"}]}, r"unknown pass 'spin'; passes are \[.*'fold_norms'"),
+    ({"preset": "rotate-r1r2", "group_size": 64}, r"unknown field 'group_size' .* take \[.*'rotation'"),
+    ({"preset": "rotate-r1r2", "rotation": "haar"}, r"rotation = 'haar' is not one of \['hadamard'"),
+    ({"passes": [{"pass": "rotate_vo", "sead": 1}]}, r"unknown field 'sead'; allowed fields are \['rotation'"),
+    ({"preset": "w4a16", "bits": 5}, r"bits = 5 is not one of \[2, 3, 4, 8\]"),
+    ({"preset": "w8a8", "passes": []}, "either 'preset' or 'passes'"),
+    (3.5, "a recipe is a preset name"),
+])
+def test_bad_recipes_list_what_is_allowed(spec, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(spec)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.toml")
+
+
+def _state(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def _same(model, state):
+    now = model.state_dict()
+    return set(now) == set(state) and all(torch.equal(now[n], state[n]) for n in state)
+
+
+def test_group_size_that_does_not_fit_fails_before_any_change():
+    model = tiny_model("llama")
+    state = _state(model)
+    with pytest.raises(RecipeError, match=r"group_size=128 does not divide in_features=64 of layer "
+                                          r"'model.layers.0.self_attn.q_proj'.*fit every layer.*\[32, 64\]"):
+        quantize(model, "rotate-r1r2-w4a16")
+    assert _same(model, state)
+
+
+def test_a_failure_mid_recipe_restores_weights_modules_ties_and_config():
+    model = tiny_model("opt")  # fold_norms unties lm_head and centres; layernorms_to_rms swaps modules
+    state, modules = _state(model), dict(model.named_modules())
+    tied = model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    bad = {"passes": [{"pass": "fold_norms"}, {"pass": "layernorms_to_rms"},
+                      {"pass": "rotate_residual", "rotation": "hadamard", "block_size": 48}]}
+    with pytest.raises(Exception, match="48"):
+        quantize(model, bad)
+    assert _same(model, state) and dict(model.named_modules()) == modules
+    assert tied and model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    assert model.config.tie_word_embeddings is True
+
+
+def test_blocked_stream_is_refused_naming_the_module_before_any_weight_moves():
+    model = tiny_model("opt", do_layer_norm_before=False)  # post-norm: a norm on the writers' outputs
+    state = _state(model)
+    with pytest.raises(UnsupportedPatternError, match="model.decoder.layers.0.self_attn_layer_norm"):
+        quantize(model, "rotate-r1r2")
+    assert _same(model, state)
+
+
+def test_calibration_forms():
+    ids = torch.randint(0, 10, (3, 8))
+    assert [b["input_ids"].shape for b in calibration_batches(ids)] == [(3, 8)]
+    assert [b["input_ids"].shape for b in calibration_batches([ids[0], ids])] == [(1, 8), (3, 8)]
+    assert calibration_batches([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])[0].keys() == {
+        "input_ids", "attention_mask"}
+    assert calibration_batches(None) == []
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.randn(2, 8), r"calibration\[0\]: token ids must be a non-empty integer tensor"),
+    ([{"ids": 1}], r"calibration\[0\] is a dict without an 'input_ids' tensor"),
+    (["text"], r"calibration\[0\] is a str"),
+    ({"input_ids": torch.ones(1, 2)}, "not dict"),
+])
+def test_bad_calibration_is_refused(bad, match):
+    with pytest.raises(CalibrationError, match=match):
+        calibration_batches(bad)
