@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 
@@ -51,8 +52,10 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True) -> Pip
         snapshot.restore()
         raise
     seconds = time.perf_counter() - start
-    log = (f"recipe {recipe}", *result.log, f"applied in {seconds:.1f} s (capture {cg.capture_seconds:.1f} s)")
-    return PipelineResult(result.cg, result.structure, result.results, result.facts, log)
+    lines = [f"{line}  [{result.seconds[name]:.2f} s]" for name, line in zip(result.seconds, result.log)]
+    log = (f"recipe {recipe}", *lines, f"applied in {seconds:.1f} s (capture {cg.capture_seconds:.1f} s, "
+                                       f"passes {sum(result.seconds.values()):.1f} s, the rest: analysis and checks)")
+    return dataclasses.replace(result, log=log)
 
 
 def calibration_batches(calibration) -> list[dict]:
@@ -97,7 +100,7 @@ class _Snapshot:
         self.saved = [(m, {slot: dict(getattr(m, slot)) for slot in self.SLOTS}) for m in model.modules()]
         tensors = [t for _, slots in self.saved for slot in ("_parameters", "_buffers")
                    for t in slots[slot].values() if t is not None]
-        self.values = {id(t): (t, t.detach().clone()) for t in tensors}
+        self.values = {id(t): (t, t.detach().to("cpu", copy=True)) for t in tensors}  # host copy: spares GPU memory
         config = getattr(model, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
 

@@ -1,7 +1,8 @@
-"""The `fxquant` command line: inspect a model's structure, or measure its perplexity.
+"""The `fxquant` command line: quantize a model, inspect its structure, or measure its perplexity.
 
-    fxquant inspect --model smollm2|PATH|tiny-ARCH   # capture + analyse, print tables, dump graph
-    fxquant eval    --model smollm2|PATH             # perplexity on the default eval split
+    fxquant quantize --model smollm2 [--recipe rotate-r1r2-w8a8] [--eval-windows N]
+    fxquant inspect  --model smollm2|PATH|tiny-ARCH   # capture + analyse, print tables, dump graph
+    fxquant eval     --model smollm2|PATH             # perplexity on the default eval split
 
 Errors from fxquant exit with status 2 and their message, never a traceback.
 """
@@ -27,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxquant", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    q = sub.add_parser("quantize", help="apply a recipe to a model and print what changed")
+    q.add_argument("--model", default="smollm2", help="smollm2 (default), a local HF dir or .gguf file, or tiny-ARCH")
+    q.add_argument("--recipe", default=None, help="a preset name, or a .toml/.yaml recipe file "
+                                                  "(default: rotate-r1r2-w8a8)")
+    q.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field in every pass that has it, e.g. --set group_size=64 --set seed=3")
+    q.add_argument("--eval-windows", type=int, default=0,
+                   help="also measure perplexity before and after on this many eval windows (0: skip)")
+    q.set_defaults(run=_quantize)
     inspect = sub.add_parser("inspect", help="capture and analyse a model, print the structure found")
     inspect.add_argument("--model", required=True, help="smollm2, a local HF dir or .gguf file, or tiny-ARCH")
     inspect.add_argument("--dump-dir", default="dumps", help="where the graph text dump goes (default: dumps/)")
@@ -81,6 +91,50 @@ def _eval(args) -> int:
           f"({time.perf_counter() - start:.1f}s)")
     print(f"perplexity: {ppl:.4f}")
     return 0
+
+
+def _quantize(args) -> int:
+    from fxquant.api import apply_recipe
+    from fxquant.models import load_model
+    from fxquant.recipes import DEFAULT_RECIPE, recipe_with
+
+    recipe = recipe_with(args.recipe or DEFAULT_RECIPE, _fields(args.set))
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    print(f"model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - start:.1f} s")
+    before = _quick_ppl(model, tokenizer, args.eval_windows)
+    result = apply_recipe(model, recipe)
+    print("\n".join(result.log))
+    if before is not None:
+        after = _quick_ppl(model, tokenizer, args.eval_windows)
+        print(f"perplexity on the last {args.eval_windows} eval windows: {before:.3f} -> {after:.3f}")
+    return 0
+
+
+def _fields(pairs: list[str]) -> dict:
+    """`["group_size=64", "rotation=hadamard"]` -> {"group_size": 64, "rotation": "hadamard"} (TOML values)."""
+    import tomllib
+
+    from fxquant.errors import RecipeError
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set expects FIELD=VALUE, got {pair!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # a bare word: a string
+    return out
+
+
+def _quick_ppl(model, tokenizer, n: int):
+    if n <= 0 or tokenizer is None:
+        return None
+    from fxquant.eval import EvalSplit, default_tokens, eval_windows, perplexity
+
+    return perplexity(model, eval_windows(default_tokens(tokenizer), EvalSplit(n_eval=n)))
 
 
 def _slug(spec: str) -> str:

@@ -1,7 +1,7 @@
 """Hadamard, random-Hadamard and random-orthogonal rotations, and the fast Hadamard transform.
 
 Entry points: `hadamard_matrix(n)`, `rotation_matrix(kind, n, ...)`, `hadamard_transform(x)`,
-`has_hadamard(n)`, `hadamard_base_sizes()`.
+`has_hadamard(n)`, `hadamard_base_sizes()`, `hadamard_construction(n)`.
 The one idea: n = m * 2^k with the smallest base m <= MAX_BASE that fxquant can build
 (`hadamard_constructions`: Paley, Williamson, Goethals–Seidel over finite fields), and
 H_n = H_m (x) H_{2^k} (Kronecker, Sylvester factor inner). The transform applies H_{2^k} as an
@@ -35,8 +35,7 @@ def _decompose(n: int) -> tuple[int, int] | None:
     """(m, k) with n = m * 2^k and m the smallest base <= MAX_BASE with a direct construction; else None."""
     if n < 1:
         return None
-    odd, twos = _odd_part(n)
-    for k in range(twos, -1, -1):
+    for k in range(_odd_part(n)[1], -1, -1):
         m = n >> k
         if m > MAX_BASE:
             return None
@@ -60,7 +59,7 @@ def hadamard_construction(n: int) -> str:
     m, k = _require(n)
     if m == 1:
         return f"2^{k}: Sylvester"
-    return f"{m} * 2^{k}: {construction(m)}" + (", Sylvester for 2^k" if k else "")
+    return f"{m} * 2^{k}: {construction(m)}, Sylvester for 2^k" if k else f"{m}: {construction(m)}"
 
 
 def _divisors_with_hadamard(n: int) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,13 +129,15 @@ class Step:
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """The final graph and structure, each step's PassResult by name, the facts now true, the log."""
+    """The final graph and structure, each step's PassResult by name, the facts now true, the log,
+    and the seconds each pass took (its own work, not the checks after it)."""
 
     cg: CapturedGraph
     structure: Any
     results: dict[str, PassResult]
     facts: frozenset[str]
     log: tuple[str, ...]
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return "\n".join(self.log)
@@ -204,6 +207,7 @@ class _State:
     done: list[str] = field(default_factory=list)
     results: dict[str, PassResult] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -256,15 +260,18 @@ class Pipeline:
         self._dump(state, 0, "input", "")
         for index, step in enumerate(self.steps, start=1):
             self._refresh(state)
+            start = time.perf_counter()
             with _blame(step.name, state.done):
                 result = step.fn(state.cg, state.structure, step.cfg)
             if not isinstance(result, PassResult):
                 raise PassError(f"pass {step.name!r} returned {type(result).__name__}, not a PassResult")
+            state.seconds[step.name] = time.perf_counter() - start
             self._settle(step, result, state)
             self._report(index, step, result, state)
         if self.final_capture:
             self._refresh(state)
-        return PipelineResult(state.cg, state.structure, state.results, frozenset(state.facts), tuple(state.log))
+        return PipelineResult(state.cg, state.structure, state.results, frozenset(state.facts), tuple(state.log),
+                              dict(state.seconds))
 
     def _inputs(self, cg):
         if self.verify_inputs is None or self.verify_inputs is False:

@@ -142,3 +142,12 @@ def _override(steps, overrides):
         out.append((key, config_from_dict(cls, mine, where=f"passes[{index}] ({key})")))
     return out
 
+
+def recipe_with(spec, fields: dict) -> Recipe:
+    """`spec` (preset, path or dict) with top-level field overrides, validated like a recipe dict."""
+    if not fields:
+        return load_recipe(spec)
+    if isinstance(spec, str) and Path(spec).suffix not in (".toml", ".yaml", ".yml"):
+        return _from_dict({"preset": spec, **fields})
+    base = load_recipe(spec).to_dict()
+    return _from_dict({**base, **fields})

@@ -116,3 +116,25 @@ def test_calibration_forms():
 def test_bad_calibration_is_refused(bad, match):
     with pytest.raises(CalibrationError, match=match):
         calibration_batches(bad)
+
+
+def test_the_readme_recipe_file_loads(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```toml\n# my_recipe.toml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_recipe.toml").write_text(block)
+    r = load_recipe(tmp_path / "my_recipe.toml")
+    assert [k for k, _ in r.steps] == ["fold_norms", "layernorms_to_rms", "rotate_residual", "quantize_weights"]
+    assert r.steps[2][1].rotation == "hadamard" and r.steps[3][1] == WeightQuantConfig(4, False, 64)
+
+
+def test_cli_quantize_prints_each_pass_and_rejects_bad_fields(capsys):
+    from fxquant.cli import main
+
+    assert main(["quantize", "--model", "tiny-llama", "--recipe", "rotate-r1r2-w4a16", "--set", "group_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "rotate_residual: 16 rotated, 0 blocked" in out and "quantize_weights: 14 quantized" in out
+    assert main(["quantize", "--model", "tiny-llama", "--set", "grup=3"]) == 2
+    assert "unknown field 'grup'" in capsys.readouterr().err
