@@ -88,7 +88,8 @@ def goethals_seidel(rows: list[list[int]]) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("v", type=int, help="prime order of the circulants (the Hadamard order is 4v)")
-    parser.add_argument("--subgroup-order", type=int, nargs="*", help="orders to try (default: all proper divisors of v-1, largest first)")
+    parser.add_argument("--subgroup-order", type=int, nargs="*",
+                        help="orders to try (default: all proper divisors of v-1, largest first)")
     args = parser.parse_args(argv)
     v = args.v
     orders = args.subgroup_order or [h for h in range(v - 2, 1, -1) if (v - 1) % h == 0]
