@@ -140,11 +140,12 @@ def _butterfly(y: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, size)
 
 
-def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, *, normalize: bool = True, transpose: bool = False) -> torch.Tensor:
     """y = x @ H.T (divided by sqrt(n) when `normalize`) over the last dim, n = x.shape[-1], in O(n log n + n m).
 
     With x viewed as [..., m, 2^k]: Y = H_m @ (X @ H_{2^k}). Half types compute in float32; the
-    result has x's dtype. The inverse of the normalized transform is y @ Q with Q = H / sqrt(n).
+    result has x's dtype. `transpose=True` gives y = x @ H instead (Y = H_m^T @ X H_{2^k}), which
+    is also the inverse of the normalized transform.
     Example::
 
         >>> x = torch.randn(3, 576, dtype=torch.float64)            # 576 = 36 * 2^4
@@ -158,7 +159,8 @@ def hadamard_transform(x: torch.Tensor, *, normalize: bool = True) -> torch.Tens
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     y = _butterfly(work.reshape(*x.shape[:-1], m, 1 << k))
     if m > 1:
-        y = base_hadamard(m).to(device=y.device, dtype=y.dtype) @ y
+        base = base_hadamard(m).to(device=y.device, dtype=y.dtype)
+        y = (base.T if transpose else base) @ y
     y = y.reshape(x.shape)
     if normalize:
         y = y * (1.0 / math.sqrt(x.shape[-1]))
@@ -217,3 +219,27 @@ def rotation_matrix(kind: str, n: int, *, seed: int = 0, block_size: int | None 
     if kind == "random-hadamard":
         q = q * (2.0 * torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) - 1.0)
     return q.to(dtype)
+
+
+DENSE_UP_TO = 1024  # below this a GEMM with the dense Q beats the butterfly's k passes over memory (CPU, measured)
+
+
+def rotation_operator(kind: str, n: int, *, seed: int = 0, block_size: int | None = None):
+    """x -> x @ rotation_matrix(kind, n, ...) over the last dim: what folding a rotation needs.
+
+    Blocks up to DENSE_UP_TO use the dense matrix (one GEMM); larger Hadamard blocks use the
+    O(n log n) transform, so a 14336-wide model never builds a dense 14336^2 float64 matrix.
+    Equals the dense product (tested).
+    """
+    b = _check_rotation_args(kind, n, block_size)
+    if kind == "random-orthogonal" or b <= DENSE_UP_TO:
+        q = rotation_matrix(kind, n, seed=seed, block_size=block_size)
+        return lambda x: x @ q.to(device=x.device, dtype=x.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    signs = 2.0 * torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) - 1.0 if kind == "random-hadamard" else None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        y = hadamard_transform(x.reshape(*x.shape[:-1], n // b, b), transpose=True).reshape(x.shape)
+        return y if signs is None else y * signs.to(device=x.device, dtype=x.dtype)
+
+    return apply

@@ -204,6 +204,7 @@ class _State:
     inputs: tuple | None
     reference: Any = None
     stale: bool = False  # the graph no longer matches the model: re-capture before it is read
+    signature: tuple = ()  # the graph before the running pass: lint and recompile only what changed
     done: list[str] = field(default_factory=list)
     results: dict[str, PassResult] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
@@ -260,7 +261,7 @@ class Pipeline:
         self._dump(state, 0, "input", "")
         for index, step in enumerate(self.steps, start=1):
             self._refresh(state)
-            start = time.perf_counter()
+            start, state.signature = time.perf_counter(), _signature(state.cg.gm.graph)
             with _blame(step.name, state.done):
                 result = step.fn(state.cg, state.structure, step.cfg)
             if not isinstance(result, PassResult):
@@ -285,8 +286,9 @@ class Pipeline:
         gone = step.info.invalidates if result.modified else frozenset()
         with _blame(step.name, state.done, "left a graph the pipeline could not rebuild or lint"):
             state.stale = state.stale or GRAPH in gone
-            state.cg.gm.graph.lint()
-            state.cg.gm.recompile()
+            if _signature(state.cg.gm.graph) != state.signature:  # the pass edited the graph itself
+                state.cg.gm.graph.lint()
+                state.cg.gm.recompile()
             if STRUCTURE in gone and not state.stale:
                 state.structure = (self.analyse or _default_analyse)(state.cg)
         if state.inputs is not None:
@@ -349,6 +351,11 @@ class Pipeline:
         path.parent.mkdir(parents=True, exist_ok=True)
         comment = "".join(f"# {line}\n" for line in header.splitlines())
         path.write_text(comment + graph_text(state.cg) + "\n")
+
+
+def _signature(graph) -> tuple:
+    """Each node's (name, op, target, args, kwargs): equal before and after = the graph was not edited."""
+    return tuple((n.name, n.op, n.target, n.args, tuple(n.kwargs.items())) for n in graph.nodes)
 
 
 def _capture_inputs(model, args, kwargs):

@@ -24,15 +24,21 @@ def _write(target: torch.Tensor, value: torch.Tensor) -> None:
     target.copy_(value.to(target.dtype))
 
 
+def _right(x: torch.Tensor, q) -> torch.Tensor:
+    """x @ Q, where q is the matrix or an operator computing x @ Q (a fast Hadamard transform)."""
+    return q(x) if callable(q) else x @ q.to(x.dtype)
+
+
 @torch.no_grad()
 def rotate_in(weight, q, *, transposed=False, cols: Span = None, precision=DEFAULT_PRECISION) -> None:
     """The layer's input is rotated (x' = x Q), so undo it in the weight: W' = W Q  =>  x' W'^T = x W^T.
 
-    `cols` restricts Q to one span of input columns (one attention head of o_proj).
+    `q` is Q or an operator x -> x @ Q. `cols` restricts Q to one span of input columns (one
+    attention head of o_proj).
     """
     w = _canonical(weight, transposed)
     part = w if cols is None else w[..., :, cols[0]:cols[1]]
-    _write(part, part.to(precision) @ q.to(precision))
+    _write(part, _right(part.to(precision), q))
 
 
 @torch.no_grad()
@@ -43,11 +49,10 @@ def rotate_out(weight, bias, q, *, transposed=False, rows: Span = None, precisio
     """
     w = _canonical(weight, transposed)
     part = w if rows is None else w[..., rows[0]:rows[1], :]
-    qd = q.to(precision)
-    _write(part, qd.T @ part.to(precision))
+    _write(part, _right(part.to(precision).transpose(-1, -2), q).transpose(-1, -2))  # Q^T W = (W^T Q)^T
     if bias is not None:
         b = bias if rows is None else bias[..., rows[0]:rows[1]]
-        _write(b, b.to(precision) @ qd)
+        _write(b, _right(b.to(precision), q))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch
 
 from fxquant.config import RotationConfig
 from fxquant.errors import UnsupportedPatternError
-from fxquant.hadamard import rotation_matrix
+from fxquant.hadamard import rotation_operator
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.weights import rotate_in, rotate_out
 
@@ -65,8 +65,7 @@ def rotate_residual(cg, structure, cfg: RotationConfig | None) -> PassResult:
     structure.refuse_if_blocked("rotate_residual (R1)")
     refuse_unfolded_norms(cg, structure, "rotate_residual (R1)")
     prec = getattr(torch, cfg.precision)
-    q = rotation_matrix(cfg.rotation, structure.stream.width, seed=cfg.seed, block_size=cfg.block_size,
-                        dtype=prec)
+    q = rotation_operator(cfg.rotation, structure.stream.width, seed=cfg.seed, block_size=cfg.block_size)
     done: dict[int, tuple[str, str]] = {}  # id(tensor) -> (math, module): a tied tensor is edited once
     changes = []
     for role, module, ref, bias, transposed in _edits(structure):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.config import RotationConfig
-from fxquant.hadamard import rotation_matrix
+from fxquant.hadamard import rotation_operator
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.weights import rotate_in, rotate_out
 
@@ -27,8 +27,7 @@ def rotate_vo(cg, structure, cfg: RotationConfig | None) -> PassResult:
     prec = getattr(torch, cfg.precision)
     changes = []
     for index, chain in enumerate(structure.vo_chains):
-        r = rotation_matrix(cfg.rotation, chain.head_dim, seed=cfg.seed + index, block_size=cfg.block_size,
-                            dtype=prec)
+        r = rotation_operator(cfg.rotation, chain.head_dim, seed=cfg.seed + index, block_size=cfg.block_size)
         v_w = cg.param(chain.v.weight)
         v_b = cg.param(chain.v.bias) if chain.v.bias else None
         o_w = cg.param(chain.o.weight)

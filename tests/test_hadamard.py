@@ -298,3 +298,20 @@ def test_size_must_be_positive():
         rotation_matrix("random-orthogonal", 0)
     with pytest.raises(NoHadamardError, match="Hadamard size must be a positive integer, got 0"):
         hadamard_matrix(0)
+
+
+@pytest.mark.parametrize("kind,n,block", [("hadamard", 576, None), ("random-hadamard", 576, None),
+                                          ("random-hadamard", 192, 64), ("random-orthogonal", 50, None),
+                                          ("hadamard", 172, None), ("random-hadamard", 2304, None),
+                                          ("hadamard", 3072, 1536)])
+def test_rotation_operator_equals_the_dense_product(kind, n, block):
+    from fxquant.hadamard import rotation_operator
+
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    q = rotation_matrix(kind, n, seed=4, block_size=block)
+    torch.testing.assert_close(rotation_operator(kind, n, seed=4, block_size=block)(x), x @ q, rtol=0, atol=1e-12)
+
+
+def test_transposed_transform_inverts_the_normalized_one():
+    x = torch.randn(4, 1536, dtype=torch.float64)  # 12 * 2^7
+    torch.testing.assert_close(hadamard_transform(hadamard_transform(x), transpose=True), x)

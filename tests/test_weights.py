@@ -79,3 +79,18 @@ def test_untie_gives_a_copy_and_leaves_the_twin():
     head.weight = emb.weight
     own = untie(head, "weight")
     assert head.weight is own and own is not emb.weight and torch.equal(own, emb.weight)
+
+
+def test_an_operator_and_its_matrix_give_the_same_edit():
+    w, q = torch.randn(6, 8, dtype=torch.float64), _q(8)
+    a, b = w.clone(), w.clone()
+    rotate_in(a, q)
+    rotate_in(b, lambda x: x @ q)
+    assert torch.equal(a, b)
+    a, b = w.T.clone(), w.T.clone()  # [8, 6]: rotate the 8 outputs
+    bias_a = torch.randn(8, dtype=torch.float64)
+    bias_b = bias_a.clone()
+    rotate_out(a, bias_a, q)
+    rotate_out(b, bias_b, lambda x: x @ q)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(bias_a, bias_b, rtol=0, atol=1e-12)
