@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2 under each rotation / round-to-nearest recipe, and the time to apply it.
 
-Usage: python bench/rotations.py [--model smollm2] [--n-eval 24] [--group-size 64] [--recipes a,b,...]
+Usage: python bench/rotations.py [--model smollm2] [--n-eval 24] [--group-size 64] [--recipes a,b+field=v,...]
 Each recipe runs on a freshly loaded model; one markdown row per recipe goes to stdout. The figures
 go to docs/BENCHMARKS.md, "Rotations and round-to-nearest quantization".
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+import tomllib
 
 import torch
 
@@ -21,9 +22,12 @@ RECIPES = ["float", "rotate-r1r2", "w8a8", "rotate-r1r2-w8a8", "w4a8", "rotate-r
 
 
 def _recipe(name: str, group_size: int) -> dict | None:
+    """`preset` or `preset+field=value+...` (e.g. `rotate-r1r2-w16a4+symmetric=false`) -> a recipe dict."""
     if name == "float":
         return None
-    return {"preset": name, **({"group_size": group_size} if "w4a" in name else {})}
+    preset, *pairs = name.split("+")
+    fields = {k: tomllib.loads(f"v = {v}")["v"] for k, _, v in (p.partition("=") for p in pairs)}
+    return {"preset": preset, **({"group_size": group_size} if "w4a" in preset else {}), **fields}
 
 
 def main(argv=None) -> None:

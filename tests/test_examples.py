@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -27,3 +29,8 @@ def test_example_pass_refuses_tied_readers_instead_of_breaking_the_model():
     model = tiny_model("llama", tie_word_embeddings=True)
     result = Pipeline([_load("write_your_own_pass").fold_rms_weights], verify_inputs=True).run(capture(model))
     assert str(result) == "fold_rms_weights: 10 scaled, 4 folded, 1 blocked"
+
+
+def test_quantize_model_example_generates_the_same_tokens_after_rotation():
+    before, after = _load("quantize_model").main(["--model", "tiny-llama", "--recipe", "rotate-r1r2"])
+    assert torch.equal(before, after)
