@@ -5,7 +5,8 @@ its KV cache and `save_pretrained`). The one idea: decide before doing, and undo
 recipe and calibration data are validated before capture; passes refuse before they edit; and if
 anything still fails mid-way, every parameter, submodule and hook is restored, so an error leaves
 the model exactly as it was. Float-preserving passes are verified on the capture's example inputs
-(max |diff| <= tolerance * max |logit|).
+(max |diff| <= tolerance * max |logit|): random token ids for a transformers causal LM, the first
+calibration sequence for a plain PyTorch model (whose forward takes `input_ids`).
 
 Example::
 
@@ -20,7 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fxquant.capture import capture
+from fxquant.capture import capture, is_causal_lm
 from fxquant.errors import CalibrationError
 from fxquant.pipeline import Pipeline, PipelineResult
 from fxquant.recipes import load_recipe
@@ -42,7 +43,7 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True) -> Pip
     snapshot = _Snapshot(model)
     try:
         start = time.perf_counter()
-        cg = capture(model)
+        cg = capture(model, None if is_causal_lm(model) or not batches else _first_row(batches[0]))
         cg.meta["calibration"] = batches
         atol = TOLERANCE * model_outputs(model, cg.example_inputs).abs().max().item() if verify else 0.0
         pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if verify else None, atol=atol, rtol=0.0,
@@ -71,6 +72,11 @@ def calibration_batches(calibration) -> list[dict]:
         raise CalibrationError(f"calibration must be a LongTensor [n, seq] or an iterable of tensors or input "
                                f"dicts, not {type(calibration).__name__}")
     return [_batch(i, item) for i, item in enumerate(items)]
+
+
+def _first_row(batch: dict) -> dict:
+    """One sequence of a calibration batch: the example a plain PyTorch model is captured with."""
+    return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
 
 
 def _batch(index: int, item) -> dict:

@@ -137,11 +137,11 @@ def layernorms_to_rms(cg, structure, cfg) -> PassResult:
         return PassResult()
     _refuse_uncentred(cg, structure)
     for norm in norms:
-        for ref in (norm.weight, norm.bias):
-            if ref is not None and not torch.equal(cg.param(ref), torch.full_like(cg.param(ref), float(ref.name == "weight"))):
+        for ref, identity in ((norm.weight, 1.0), (norm.bias, 0.0)):
+            if ref is not None and not bool((cg.param(ref) == identity).all()):
                 raise UnsupportedPatternError(
                     f"layernorms_to_rms refused, nothing was changed: LayerNorm '{norm.module}' still has a "
-                    f"non-trivial {ref.name}; run fold_norms first")
+                    f"non-trivial {'weight' if identity else 'bias'}; run fold_norms first")
     changes = []
     for norm in norms:
         old = cg.model.get_submodule(norm.module)

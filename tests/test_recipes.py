@@ -138,3 +138,35 @@ def test_cli_quantize_prints_each_pass_and_rejects_bad_fields(capsys):
     assert "rotate_residual: 16 rotated, 0 blocked" in out and "quantize_weights: 14 quantized" in out
     assert main(["quantize", "--model", "tiny-llama", "--set", "grup=3"]) == 2
     assert "unknown field 'grup'" in capsys.readouterr().err
+
+
+class _PlainDecoder(torch.nn.Module):
+    """A plain PyTorch pre-norm decoder (no transformers): emb -> x + mlp(norm(x)) -> norm -> head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 32)
+        self.norm1, self.norm2 = torch.nn.RMSNorm(16), torch.nn.RMSNorm(16)
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        with torch.no_grad():
+            self.norm1.weight.uniform_(0.5, 1.5)
+            self.norm2.weight.uniform_(0.5, 1.5)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        x = x + self.down(torch.relu(self.up(self.norm1(x))))
+        return self.head(self.norm2(x))
+
+
+def test_a_plain_pytorch_model_is_captured_from_its_calibration_data():
+    model, ids = _PlainDecoder().eval(), torch.randint(0, 32, (4, 10))
+    with torch.no_grad():
+        ref = model(ids)
+    w = model.up.weight.detach().clone()
+    assert quantize(model, "rotate-r1r2", calibration=ids) is model
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref, rtol=0, atol=2e-4 * ref.abs().max().item())
+    assert not torch.equal(model.up.weight, w)
+    with pytest.raises(Exception, match="needs example_inputs"):
+        quantize(_PlainDecoder(), "rotate-r1r2")

@@ -63,6 +63,11 @@ def _fused_norm(cg, node) -> NormMatch | Blocked:
     return NormMatch(site, frozenset([node]))
 
 
+def _dtype_of(node) -> torch.dtype:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else torch.float32
+
+
 def _rms_norm(cg, rsqrt) -> NormMatch | Blocked:
     def fail(why):
         return Blocked(rsqrt.name, module_of(rsqrt), f"rsqrt is not an RMSNorm I can read: {why}")

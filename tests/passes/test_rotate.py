@@ -134,3 +134,27 @@ def test_r2_rotates_each_value_head_and_every_query_head_that_reads_it():
     rows_changed = (v1 != v0).any(dim=1)
     assert rows_changed.all()  # 2 kv heads x 16 rows, all rotated
     torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=REL_TOL * ref.abs().max().item())
+
+
+def test_layernorms_to_rms_refuses_an_unfolded_or_uncentred_model():
+    from fxquant.errors import UnsupportedPatternError
+    from fxquant.passes.fold_norms import layernorms_to_rms
+    from fxquant.pipeline import Pipeline, Step
+
+    model = tiny_model("opt")
+    with pytest.raises(UnsupportedPatternError, match="'model.decoder.embed_tokens' writes to the residual stream "
+                                                      "values that are not mean-free"):
+        Pipeline([Step(layernorms_to_rms)]).run(capture(model), facts={"norms_folded"})
+    assert isinstance(model.model.decoder.final_layer_norm, torch.nn.LayerNorm)
+
+
+def test_r1_refuses_a_norm_that_still_has_its_weight():
+    from fxquant.errors import UnsupportedPatternError
+    from fxquant.passes.rotate_residual import rotate_residual
+    from fxquant.pipeline import Pipeline, Step
+
+    model = tiny_model("llama")
+    before = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(UnsupportedPatternError, match="norm 'model.layers.0.input_layernorm' still has a weight"):
+        Pipeline([Step(rotate_residual)]).run(capture(model), facts={"norms_folded"})
+    assert torch.equal(model.model.embed_tokens.weight, before)
