@@ -158,3 +158,16 @@ def test_r1_refuses_a_norm_that_still_has_its_weight():
     with pytest.raises(UnsupportedPatternError, match="norm 'model.layers.0.input_layernorm' still has a weight"):
         Pipeline([Step(rotate_residual)]).run(capture(model), facts={"norms_folded"})
     assert torch.equal(model.model.embed_tokens.weight, before)
+
+
+@pytest.mark.slow
+def test_smollm2_rotated_keeps_logits_and_greedy_tokens():
+    """The real model (opt in: -m slow): tied embeddings, GQA 9/3, hidden 576 = 36 * 16."""
+    from fxquant.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
+    ref, tokens = _logits(model, ids), model.generate(ids, max_new_tokens=8, do_sample=False)
+    quantize(model, "rotate-r1r2")
+    assert (_logits(model, ids) - ref).abs().max() <= REL_TOL * ref.abs().max()
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
