@@ -302,7 +302,7 @@ def test_size_must_be_positive():
 
 @pytest.mark.parametrize("kind,n,block", [("hadamard", 576, None), ("random-hadamard", 576, None),
                                           ("random-hadamard", 192, 64), ("random-orthogonal", 50, None),
-                                          ("hadamard", 172, None), ("random-hadamard", 2304, None),
+                                          ("hadamard", 172, None), ("random-hadamard", 2304, None), ("hadamard", 4096, 2048),
                                           ("hadamard", 3072, 1536)])
 def test_rotation_operator_equals_the_dense_product(kind, n, block):
     from fxquant.hadamard import rotation_operator
