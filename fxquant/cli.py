@@ -122,6 +122,9 @@ def _fields(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set expects FIELD=VALUE, got {pair!r}")
+        if value in ("None", "none", "null"):
+            out[key] = None  # TOML has no null: group_size=None means one scale per output channel
+            continue
         try:
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

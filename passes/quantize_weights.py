@@ -34,10 +34,13 @@ def check_group_size(cg, structure, cfg: WeightQuantConfig | None) -> None:
     for site in sites:
         if site.in_features % group_size:
             fits = _fitting_groups([s.in_features for s in sites])
+            best = fits[-1] if fits else None
             raise RecipeError(
                 f"group_size={group_size} does not divide in_features={site.in_features} of layer "
                 f"'{site.module}' (node '{site.node}'); nothing was changed. Group sizes that fit every "
-                f"layer of this model: {fits or 'none of 32/64/128/256; use group_size=None (per channel)'}")
+                f"layer of this model: {fits or 'none of 32/64/128/256'}; set group_size to one of them, or to "
+                f"None for one scale per output channel (recipe dict: {{'group_size': {best}}}, "
+                f"CLI: --set group_size={best})")
 
 
 @fxpass(invalidates={"outputs"}, provides={"weights_quantized"}, check=check_group_size)
