@@ -17,7 +17,8 @@ PRECISIONS = ("float64", "float32")
 
 
 def _one_of(owner: str, field: str, value, allowed) -> None:
-    if value not in allowed:
+    # exact types too: 8.0 == 8 and True == 1 in Python, but a config of bits=8.0 is a typo
+    if value not in allowed or type(value) not in {type(a) for a in allowed}:
         raise RecipeError(f"{owner}.{field} = {value!r} is not one of {list(allowed)}")
 
 
@@ -69,7 +70,8 @@ class WeightQuantConfig:
         _one_of("WeightQuantConfig", "symmetric", self.symmetric, (True, False))
         if self.group_size is not None:
             _int_in("WeightQuantConfig", "group_size", self.group_size, 1, 2 ** 20)
-        if not isinstance(self.clip_ratio, (int, float)) or not 0 < self.clip_ratio <= 1:
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
+                or not 0 < self.clip_ratio <= 1:
             raise RecipeError(f"WeightQuantConfig.clip_ratio = {self.clip_ratio!r} must be in (0, 1]")
 
 

@@ -189,6 +189,11 @@ def _check_rotation_args(kind: str, n: int, block_size: int | None) -> int:
     return block_size
 
 
+def check_rotation(kind: str, n: int, block_size: int | None = None) -> None:
+    """Raise the error `rotation_matrix(kind, n, block_size=...)` would raise, without building anything."""
+    _check_rotation_args(kind, n, block_size)
+
+
 def _haar(n: int, gen: torch.Generator) -> torch.Tensor:
     """Haar-random orthogonal Q: QR of a Gaussian, columns signed so that R's diagonal is positive."""
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))

@@ -91,7 +91,7 @@ def _refuse_expert_readers_of_biased_norms(structure) -> None:
                     f"reader '{r.module}' is a stack of {r.experts} experts with no bias to absorb it")
 
 
-@fxpass(provides={"norms_folded"})
+@fxpass(requires={"weights_float"}, provides={"norms_folded"})
 def fold_norms(cg, structure, cfg: NormFoldConfig | None) -> PassResult:
     """Fold each stream norm's weight/bias into its readers; centre the stream of LayerNorm models."""
     structure.refuse_if_blocked("fold_norms")
@@ -129,7 +129,7 @@ def _refuse_uncentred(cg, structure) -> None:
                 "values that are not mean-free, so LayerNorm and RMSNorm differ there; run fold_norms first")
 
 
-@fxpass(requires={"norms_folded"}, provides={"norms_rms"}, invalidates={"graph"})
+@fxpass(requires={"norms_folded", "weights_float"}, provides={"norms_rms"}, invalidates={"graph"})
 def layernorms_to_rms(cg, structure, cfg) -> PassResult:
     """Swap each folded stream LayerNorm for a weightless RMSNorm (equal on a mean-free stream)."""
     norms = [g.norm for g in structure.stream.groups if g.norm is not None and g.norm.kind == "layer"]

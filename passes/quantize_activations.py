@@ -17,7 +17,7 @@ from fxquant.analysis.dataflow import linear_sites
 from fxquant.analysis.structure import Blocked
 from fxquant.config import ActQuantConfig
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.fake import ActivationFakeQuant, activation_hooks
+from fxquant.quant.fake import ActivationFakeQuant, activation_hooks, remove_activation_hooks
 
 LINEAR_MODULES = (torch.nn.Linear, Conv1D)  # modules whose forward input is the linear's input
 
@@ -36,8 +36,10 @@ def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResul
             blocked.append(Blocked(site.node, site.module, "linear runs inside a larger module: its input "
                                                             "cannot be quantized by a hook on the module"))
             continue
-        if site.module in installed:
+        hook = ActivationFakeQuant(cfg.bits, cfg.symmetric)
+        if installed.get(site.module) == hook:
             continue
-        module.register_forward_pre_hook(ActivationFakeQuant(cfg.bits, cfg.symmetric))
-        changes.append(Change("act-quant", site.module, f"int{cfg.bits} per token"))
+        replaced = remove_activation_hooks(module)
+        module.register_forward_pre_hook(hook)
+        changes.append(Change("act-quant", site.module, f"int{cfg.bits} per token" + (" (replaced)" if replaced else "")))
     return PassResult(tuple(changes), tuple(blocked))

@@ -43,7 +43,7 @@ def check_group_size(cg, structure, cfg: WeightQuantConfig | None) -> None:
                 f"CLI: --set group_size={best})")
 
 
-@fxpass(invalidates={"outputs"}, provides={"weights_quantized"}, check=check_group_size)
+@fxpass(invalidates={"outputs", "weights_float"}, provides={"weights_quantized"}, check=check_group_size)
 def quantize_weights(cg, structure, cfg: WeightQuantConfig | None) -> PassResult:
     """Fake-quantize every linear weight but the output layer's (round to nearest)."""
     cfg = cfg or WeightQuantConfig()

@@ -15,7 +15,7 @@ import torch
 
 from fxquant.config import RotationConfig
 from fxquant.errors import UnsupportedPatternError
-from fxquant.hadamard import rotation_operator
+from fxquant.hadamard import check_rotation, rotation_operator
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.weights import rotate_in, rotate_out
 
@@ -58,7 +58,13 @@ def _math(role: str, transposed: bool) -> str:
     return "T @ Q" if transposed else "Q^T @ T"  # embedding / writer: rotate the output channels
 
 
-@fxpass(requires={"norms_folded"}, provides={"residual_rotated"})
+def check_rotation_size(cg, structure, cfg: RotationConfig | None) -> None:
+    """Before any pass runs: the stream width has the rotation asked for (a Hadamard size, a block)."""
+    cfg = cfg or RotationConfig()
+    check_rotation(cfg.rotation, structure.stream.width, cfg.block_size)
+
+
+@fxpass(requires={"norms_folded", "weights_float"}, provides={"residual_rotated"}, check=check_rotation_size)
 def rotate_residual(cg, structure, cfg: RotationConfig | None) -> PassResult:
     """Fold one orthogonal Q (R1) into every embedding, residual writer and residual reader."""
     cfg = cfg or RotationConfig()

@@ -14,12 +14,19 @@ from __future__ import annotations
 import torch
 
 from fxquant.config import RotationConfig
-from fxquant.hadamard import rotation_operator
+from fxquant.hadamard import check_rotation, rotation_operator
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.weights import rotate_in, rotate_out
 
 
-@fxpass(provides={"values_rotated"})
+def check_head_rotation(cg, structure, cfg: RotationConfig | None) -> None:
+    """Before any pass runs: every head size has the rotation asked for."""
+    cfg = cfg or RotationConfig()
+    for head_dim in sorted({chain.head_dim for chain in structure.vo_chains}):
+        check_rotation(cfg.rotation, head_dim, cfg.block_size)
+
+
+@fxpass(requires={"weights_float"}, provides={"values_rotated"}, check=check_head_rotation)
 def rotate_vo(cg, structure, cfg: RotationConfig | None) -> PassResult:
     """Fold one orthogonal R per layer (R2) into each v->o chain, per KV head, GQA-aware."""
     cfg = cfg or RotationConfig()

@@ -77,14 +77,22 @@ def test_group_size_that_does_not_fit_fails_before_any_change():
     assert _same(model, state)
 
 
-def test_a_failure_mid_recipe_restores_weights_modules_ties_and_config():
+def test_a_failure_mid_recipe_restores_weights_modules_ties_and_config(monkeypatch):
+    import importlib
+
+    from fxquant.errors import PassError
+
+    r1 = importlib.import_module("fxquant.passes.rotate_residual")  # the module, not the function it exports
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure inside R1")
+
+    monkeypatch.setattr(r1, "rotation_operator", broken)
     model = tiny_model("opt")  # fold_norms unties lm_head and centres; layernorms_to_rms swaps modules
     state, modules = _state(model), dict(model.named_modules())
     tied = model.lm_head.weight is model.model.decoder.embed_tokens.weight
-    bad = {"passes": [{"pass": "fold_norms"}, {"pass": "layernorms_to_rms"},
-                      {"pass": "rotate_residual", "rotation": "hadamard", "block_size": 48}]}
-    with pytest.raises(Exception, match="48"):
-        quantize(model, bad)
+    with pytest.raises(PassError, match=r"pass 'rotate_residual' failed after \[fold_norms, layernorms_to_rms\]"):
+        quantize(model, "rotate-r1r2")
     assert _same(model, state) and dict(model.named_modules()) == modules
     assert tied and model.lm_head.weight is model.model.decoder.embed_tokens.weight
     assert model.config.tie_word_embeddings is True
@@ -170,3 +178,37 @@ def test_a_plain_pytorch_model_is_captured_from_its_calibration_data():
     assert not torch.equal(model.up.weight, w)
     with pytest.raises(Exception, match="needs example_inputs"):
         quantize(_PlainDecoder(), "rotate-r1r2")
+
+
+def test_rotation_sizes_are_checked_before_any_pass_runs():
+    model = tiny_model("llama")
+    state = _state(model)
+    with pytest.raises(RecipeError, match=r"pass 'rotate_residual' \(checked before any pass ran\): "
+                                          r"block_size=48 must be a positive divisor of the size 64"):
+        quantize(model, {"preset": "rotate-r1r2", "rotation": "hadamard", "block_size": 48})
+    assert _same(model, state)
+
+
+def test_folding_after_weight_quantization_is_refused_by_the_fact_order():
+    bad = {"passes": [{"pass": "quantize_weights"}, {"pass": "fold_norms"}]}
+    with pytest.raises(RecipeError, match="step 'fold_norms' requires fact 'weights_float'.*'quantize_weights' then "
+                                          "invalidated it"):
+        quantize(tiny_model("llama"), bad)
+
+
+def test_bfloat16_models_rotate_within_their_own_rounding():
+    model, ids = tiny_model("llama", dtype=torch.bfloat16), torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    quantize(model, "rotate-r1r2")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert (model(ids).logits.float() - ref).abs().max() <= 4 * 2 ** -7 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fields,match", [({"bits": 8.0}, r"bits = 8.0 is not one of"),
+                                          ({"symmetric": 1}, r"symmetric = 1 is not one of"),
+                                          ({"clip_ratio": True}, r"clip_ratio = True must be in")])
+def test_config_values_must_have_the_exact_type(fields, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe({"passes": [{"pass": "quantize_weights", **fields}]})

@@ -166,8 +166,9 @@ def _attention_values(node: Node, env: dict) -> torch.Tensor:
 def linear_sites(cg: CapturedGraph) -> list[tuple[LinearSite, bool]]:
     """Every linear whose weight is a model parameter, in graph order, with whether it makes the output.
 
-    The output layer (lm_head) is the linear whose value reaches the graph's output through views
-    only; quantizers keep it in float by default, as QuaRot and llm-compressor do.
+    The output layer (lm_head) is the linear whose value reaches the graph's output without passing
+    through another linear (views, logit scaling or soft-capping may follow it); quantizers keep it
+    in float by default, as QuaRot and llm-compressor do.
     """
     sites = []
     for node in cg.graph.nodes:
@@ -178,12 +179,13 @@ def linear_sites(cg: CapturedGraph) -> list[tuple[LinearSite, bool]]:
 
 
 def _reaches_output(node: Node) -> bool:
-    frontier = [node]
+    frontier, seen = [node], {node}
     while frontier:
         current = frontier.pop()
         for user in real_users(current):
             if user.op == "output":
                 return True
-            if classify(user) is OpClass.VIEW:
+            if classify(user) is not OpClass.LINEAR and user not in seen:
+                seen.add(user)
                 frontier.append(user)
     return False

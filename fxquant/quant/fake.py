@@ -34,3 +34,11 @@ def activation_hooks(model: torch.nn.Module) -> dict[str, ActivationFakeQuant]:
             if isinstance(hook, ActivationFakeQuant):
                 found[name] = hook
     return found
+
+
+def remove_activation_hooks(module: torch.nn.Module) -> int:
+    """Drop the activation fake-quant hooks of one module (a new config replaces them); how many."""
+    keys = [k for k, hook in module._forward_pre_hooks.items() if isinstance(hook, ActivationFakeQuant)]
+    for key in keys:
+        del module._forward_pre_hooks[key]
+    return len(keys)

@@ -73,3 +73,21 @@ def _error(preset):
 def test_rotation_makes_int8_and_int4_activations_more_accurate_on_outlier_channels():
     assert _error("rotate-r1r2-w8a8") < _error("w8a8")
     assert _error("rotate-r1r2-w16a4") < _error("w16a4")
+
+
+def test_the_output_layer_is_found_behind_logit_scaling():
+    """granite divides the logits by a scale: lm_head is still the output layer and stays float."""
+    model = tiny_model("granite")
+    head = model.lm_head.weight.detach().clone()
+    result = apply_recipe(model, "w8a8")
+    assert torch.equal(model.lm_head.weight, head) and "lm_head" not in activation_hooks(model)
+    assert result.results["quantize_weights"].summary() == "14 quantized, 0 blocked"
+
+
+def test_a_new_activation_config_replaces_the_old_hooks():
+    model = tiny_model("llama")
+    quantize(model, "w16a4")
+    result = apply_recipe(model, {"passes": [{"pass": "quantize_activations", "bits": 8}]})
+    assert set(activation_hooks(model).values()) == {ActivationFakeQuant(8, True)}
+    assert all(len(m._forward_pre_hooks) <= 1 for m in model.modules())
+    assert result.results["quantize_activations"].summary() == "14 act-quant, 0 blocked"

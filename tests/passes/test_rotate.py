@@ -94,7 +94,7 @@ def test_rotation_alone_keeps_the_tie_and_rotates_the_shared_tensor_once():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
     ref = _logits(model, ids)
-    result = Pipeline([Step(rotate_residual)]).run(capture(model), facts={"norms_folded"})
+    result = Pipeline([Step(rotate_residual)]).run(capture(model), facts={"norms_folded", "weights_float"})
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert sum(c.kind == "shared" for c in result.results["rotate_residual"].changes) == 1
     torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=REL_TOL * ref.abs().max().item())
@@ -129,7 +129,7 @@ def test_r2_rotates_each_value_head_and_every_query_head_that_reads_it():
 
     model, ids = tiny_model("llama"), _ids()
     ref, v0 = _logits(model, ids), model.model.layers[0].self_attn.v_proj.weight.detach().clone()
-    Pipeline([Step(rotate_vo)]).run(capture(model))
+    Pipeline([Step(rotate_vo)]).run(capture(model), facts={"weights_float"})
     v1 = model.model.layers[0].self_attn.v_proj.weight.detach()
     rows_changed = (v1 != v0).any(dim=1)
     assert rows_changed.all()  # 2 kv heads x 16 rows, all rotated
@@ -144,7 +144,7 @@ def test_layernorms_to_rms_refuses_an_unfolded_or_uncentred_model():
     model = tiny_model("opt")
     with pytest.raises(UnsupportedPatternError, match="'model.decoder.embed_tokens' writes to the residual stream "
                                                       "values that are not mean-free"):
-        Pipeline([Step(layernorms_to_rms)]).run(capture(model), facts={"norms_folded"})
+        Pipeline([Step(layernorms_to_rms)]).run(capture(model), facts={"norms_folded", "weights_float"})
     assert isinstance(model.model.decoder.final_layer_norm, torch.nn.LayerNorm)
 
 
@@ -156,7 +156,7 @@ def test_r1_refuses_a_norm_that_still_has_its_weight():
     model = tiny_model("llama")
     before = model.model.embed_tokens.weight.detach().clone()
     with pytest.raises(UnsupportedPatternError, match="norm 'model.layers.0.input_layernorm' still has a weight"):
-        Pipeline([Step(rotate_residual)]).run(capture(model), facts={"norms_folded"})
+        Pipeline([Step(rotate_residual)]).run(capture(model), facts={"norms_folded", "weights_float"})
     assert torch.equal(model.model.embed_tokens.weight, before)
 
 
