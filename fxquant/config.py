@@ -64,6 +64,7 @@ class WeightQuantConfig:
     symmetric: bool = True
     group_size: int | None = None  # None: one scale per output channel
     clip_ratio: float = 1.0
+    clip_search: bool = False  # per group, the clip ratio in 1.0..0.5 with the least squared error
 
     def __post_init__(self):
         _one_of("WeightQuantConfig", "bits", self.bits, (2, 3, 4, 8))
@@ -73,6 +74,9 @@ class WeightQuantConfig:
         if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
                 or not 0 < self.clip_ratio <= 1:
             raise RecipeError(f"WeightQuantConfig.clip_ratio = {self.clip_ratio!r} must be in (0, 1]")
+        _one_of("WeightQuantConfig", "clip_search", self.clip_search, (True, False))
+        if self.clip_search and self.clip_ratio != 1.0:
+            raise RecipeError("WeightQuantConfig: give clip_ratio or clip_search=true, not both")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from fxquant.analysis.dataflow import linear_sites
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.numerics import fake_quantize
+from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
 from fxquant.weights import assign
 
 
@@ -56,7 +56,10 @@ def quantize_weights(cg, structure, cfg: WeightQuantConfig | None) -> PassResult
             continue
         seen.add(id(weight))
         w = weight.detach().transpose(-1, -2) if site.transposed else weight.detach()  # [.., out, in]
-        q = fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
+        if cfg.clip_search:
+            q = fake_quantize_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size)
+        else:
+            q = fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
         assign(weight, q.transpose(-1, -2) if site.transposed else q)
         how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
         changes.append(Change("quantized", site.module, f"int{cfg.bits} {'sym' if cfg.symmetric else 'asym'} {how}"))

@@ -1,6 +1,6 @@
 """Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
 
-Entry points: `qrange`, `quantize`, `dequantize`, `fake_quantize`. The one idea: scales are computed
+Entry points: `qrange`, `quantize`, `dequantize`, `fake_quantize`, `fake_quantize_clip_search`. The one idea: scales are computed
 over the last dimension, whole (per output channel of a `[out, in]` weight, per token of an
 activation) or in groups of `group_size` consecutive entries; symmetric ranges are
 [-2^(b-1), 2^(b-1)-1] with scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer
@@ -70,3 +70,26 @@ def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int |
     scale, zero = qparams(x, bits, symmetric, group_size, clip_ratio)
     q = quantize(x, scale, zero, bits, symmetric, group_size)
     return dequantize(q, scale, zero, group_size, x.dtype)
+
+
+CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
+
+
+def fake_quantize_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+                              grid=CLIP_GRID) -> torch.Tensor:
+    """fake_quantize with, per group, the clip ratio from `grid` that minimises the squared error.
+
+    Shrinking the range clips a few outliers but rounds everything else on a finer grid; for
+    Gaussian-like (rotated) weights at 4 bits the best ratio is often well below 1.
+    """
+    best = best_err = None
+    for ratio in grid:
+        xq = fake_quantize(x, bits, symmetric, group_size, ratio)
+        err = _grouped((xq.float() - x.float()) ** 2, group_size).sum(dim=-1, keepdim=True)
+        if best is None:
+            best, best_err = xq, err
+            continue
+        better = err < best_err
+        best = torch.where(better.expand(_grouped(x, group_size).shape).reshape(x.shape), xq, best)
+        best_err = torch.minimum(err, best_err)
+    return best

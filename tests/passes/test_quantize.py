@@ -91,3 +91,14 @@ def test_a_new_activation_config_replaces_the_old_hooks():
     assert set(activation_hooks(model).values()) == {ActivationFakeQuant(8, True)}
     assert all(len(m._forward_pre_hooks) <= 1 for m in model.modules())
     assert result.results["quantize_activations"].summary() == "14 act-quant, 0 blocked"
+
+
+def test_clip_search_lowers_the_weight_error_of_rotated_int4():
+    def weight_error(fields):
+        model, ref = tiny_model("llama"), None
+        quantize(model, {"preset": "rotate-r1r2"})
+        ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+        quantize(model, {"preset": "w4a16", "group_size": 32, **fields})
+        return sum(((p - ref[n]) ** 2).sum().item() for n, p in model.named_parameters())
+
+    assert weight_error({"clip_search": True}) < 0.97 * weight_error({})

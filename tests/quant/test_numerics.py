@@ -41,3 +41,16 @@ def test_zero_rows_stay_zero_and_bad_groups_fail():
     assert torch.equal(fake_quantize(torch.zeros(2, 8), 8, True), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="not a multiple of group_size 24"):
         fake_quantize(torch.randn(2, 64), 4, False, group_size=24)
+
+
+def test_clip_search_never_does_worse_than_no_clipping_and_clips_gaussian_int4():
+    from fxquant.quant.numerics import fake_quantize_clip_search
+
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    plain = fake_quantize(x, 4, False, group_size=64)
+    searched = fake_quantize_clip_search(x, 4, False, group_size=64)
+    per_group = lambda y: ((y - x) ** 2).reshape(64, 4, 64).sum(-1)  # noqa: E731
+    assert (per_group(searched) <= per_group(plain) + 1e-6).all()
+    assert per_group(searched).sum() < 0.95 * per_group(plain).sum()
+    for group in searched.reshape(-1, 64):
+        assert group.unique().numel() <= 16
