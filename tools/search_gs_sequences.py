@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from fxquant import hadamard_constructions as hc
+
 
 def primitive_root(v: int) -> int:
     """The smallest generator of the multiplicative group of Z_v (v prime)."""
@@ -74,15 +76,8 @@ def solve(v: int, h: int) -> list[list[int]] | None:
 
 
 def goethals_seidel(rows: list[list[int]]) -> torch.Tensor:
-    """The Goethals–Seidel array filled with the circulants of the four first rows."""
-    a, b, c, d = (torch.stack([torch.tensor(r).roll(i) for i in range(len(r))]) for r in rows)
-    rev = torch.eye(len(rows[0]), dtype=torch.int64).flip(1)
-    return torch.cat([
-        torch.cat([a, b @ rev, c @ rev, d @ rev], 1),
-        torch.cat([-b @ rev, a, d.T @ rev, -c.T @ rev], 1),
-        torch.cat([-c @ rev, -d.T @ rev, a, b.T @ rev], 1),
-        torch.cat([-d @ rev, c.T @ rev, -b.T @ rev, a], 1),
-    ], 0)
+    """The Goethals–Seidel array filled with the circulants of the four first rows (fxquant's own builder)."""
+    return hc.goethals_seidel(*(hc.circulant(r) for r in rows))
 
 
 def main(argv: list[str] | None = None) -> int:
