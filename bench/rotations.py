@@ -21,12 +21,20 @@ RECIPES = ["float", "rotate-r1r2", "w8a8", "rotate-r1r2-w8a8", "w4a8", "rotate-r
            "w4a16", "rotate-r1r2-w4a16", "w16a4", "rotate-r1r2-w16a4"]
 
 
+def _value(text: str):
+    """A TOML value (`true`, `64`, `"x"`), or the bare word itself as a string (`float32`)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def _recipe(name: str, group_size: int) -> dict | None:
     """`preset` or `preset+field=value+...` (e.g. `rotate-r1r2-w16a4+symmetric=false`) -> a recipe dict."""
     if name == "float":
         return None
     preset, *pairs = name.split("+")
-    fields = {k: tomllib.loads(f"v = {v}")["v"] for k, _, v in (p.partition("=") for p in pairs)}
+    fields = {k: _value(v) for k, _, v in (p.partition("=") for p in pairs)}
     return {"preset": preset, **({"group_size": group_size} if "w4a" in preset else {}), **fields}
 
 

@@ -27,7 +27,6 @@ from fxquant.capture import capture, is_causal_lm
 from fxquant.errors import CalibrationError
 from fxquant.pipeline import Pipeline, PipelineResult
 from fxquant.recipes import load_recipe
-from fxquant.verify import model_outputs
 
 TOLERANCE = 2e-4  # float passes: max |diff| <= TOLERANCE * max |logit| on the example inputs (float32)
 INITIAL_FACTS = frozenset({"weights_float"})  # what every model is before a recipe: folds require it
@@ -53,9 +52,8 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollba
         start = time.perf_counter()
         cg = capture(model, None if is_causal_lm(model) or not batches else _first_row(batches[0]))
         cg.meta["calibration"] = batches
-        atol = tolerance(model) * model_outputs(model, cg.example_inputs).abs().max().item() if verify else 0.0
-        pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if verify else None, atol=atol, rtol=0.0,
-                            final_capture=False)
+        pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if verify else None,
+                            rel_atol=tolerance(model), rtol=0.0, final_capture=False)
         result = pipeline.run(cg, facts=INITIAL_FACTS)
     except BaseException:
         if snapshot is not None:

@@ -205,6 +205,7 @@ class _State:
     reference: Any = None
     stale: bool = False  # the graph no longer matches the model: re-capture before it is read
     signature: tuple = ()  # the graph before the running pass: lint and recompile only what changed
+    atol: float = 0.0  # the absolute tolerance in force (fixed, or relative to the first reference)
     done: list[str] = field(default_factory=list)
     results: dict[str, PassResult] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
@@ -216,7 +217,8 @@ class Pipeline:
     """An ordered list of passes plus the checks run between them.
 
     `verify_inputs` is `(args, kwargs)` (or True for `cg.example_inputs`) to check after each pass
-    that the float outputs match those before the first pass. `dump_dir` (or env FXQUANT_DUMP)
+    that the float outputs match those before the first pass, within `atol` (or `rel_atol` times
+    the largest reference output) + `rtol`. `dump_dir` (or env FXQUANT_DUMP)
     receives `NN_<step>.txt` graph dumps. `analyse` and `capture` default to fxquant's own.
     A pass that changed nothing invalidates nothing; a re-capture is deferred until a later pass
     (or a dump) reads the graph, and `final_capture=False` skips the last one when only the model
@@ -234,6 +236,7 @@ class Pipeline:
     capture: Callable | None = None
     verify_inputs: Any = None
     atol: float = 1e-4
+    rel_atol: float | None = None  # when set, atol = rel_atol * max |reference output|
     rtol: float = 1e-4
     dump_dir: str | os.PathLike | None = None
     log: logging.Logger | None = LOGGER
@@ -258,6 +261,7 @@ class Pipeline:
                     step.info.check(cg, state.structure, step.cfg)
         if inputs is not None:
             state.reference = model_outputs(cg.model, inputs)
+            state.atol = self.atol if self.rel_atol is None else self.rel_atol * state.reference.abs().max().item()
         self._dump(state, 0, "input", "")
         for index, step in enumerate(self.steps, start=1):
             self._refresh(state)
@@ -291,7 +295,7 @@ class Pipeline:
                 state.cg.gm.recompile()
             if STRUCTURE in gone and not state.stale:
                 state.structure = (self.analyse or _default_analyse)(state.cg)
-        if state.inputs is not None:
+        if state.inputs is not None and result.modified:  # a pass that changed nothing cannot move outputs
             with _blame(step.name, state.done, "left a model that verification could not run"):
                 self._verify(step, state)
         state.facts = (state.facts - gone) | step.info.provides
@@ -322,11 +326,11 @@ class Pipeline:
         if OUTPUTS in step.info.invalidates:
             state.reference = model_outputs(model, state.inputs)
             return
-        ok, err = outputs_unchanged(model, state.inputs, state.reference, self.atol, self.rtol)
+        ok, err = outputs_unchanged(model, state.inputs, state.reference, state.atol, self.rtol)
         if not ok:
             raise PassError(
                 f"pass {step.name!r} ({where}) changed the float outputs: max abs error {err:.3g} "
-                f"(atol={self.atol}, rtol={self.rtol}). A transform must keep the model's function: check "
+                f"(atol={state.atol:.3g}, rtol={self.rtol}). A transform must keep the model's function: check "
                 f"its math, or declare invalidates={{'{OUTPUTS}'}} if the change is intended (quantization)."
             )
 

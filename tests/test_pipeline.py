@@ -309,3 +309,15 @@ def test_verify_helpers():
     ok, err = outputs_unchanged(model, ((x,), {}), reference)
     assert not ok
     assert finite_weights(model) == ["weight"]
+
+
+def test_relative_tolerance_scales_with_the_largest_reference_output(tiny_llama):
+    @fxpass()
+    def nudge(cg, structure, cfg):  # logits move by about 1e-3 of their largest value
+        with torch.no_grad():
+            cg.param(_lm_head_weight(cg)).mul_(1.001)
+        return PassResult((Change("nudged", "lm_head"),))
+
+    Pipeline([nudge], analyse=CountingAnalyse(), verify_inputs=True, rel_atol=1e-2, rtol=0).run(tiny_llama)
+    with pytest.raises(PassError, match=r"pass 'nudge' .* changed the float outputs"):
+        Pipeline([nudge], analyse=CountingAnalyse(), verify_inputs=True, rel_atol=1e-4, rtol=0).run(tiny_llama)
