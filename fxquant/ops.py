@@ -29,6 +29,7 @@ class OpClass(enum.Enum):
     ATTENTION = "attention"  # SDPA: output head h = weighted sum of value head kv(h) over tokens
     LINEAR = "linear"  # reads a weight: linear, addmm (Conv1D), matmul with a parameter
     EMBEDDING = "embedding"
+    ONLINE = "online"  # an fxquant online transform (fxquant::hadamard): orthogonal, mixes channels
     IGNORE = "ignore"  # no tensor output that feeds computation (shape asserts, sym sizes)
     BARRIER = "barrier"  # unknown: walkers stop and report
 
@@ -66,10 +67,15 @@ _TABLE: dict[object, OpClass] = {
 }
 
 
+_FXQUANT_OPS = {"fxquant::hadamard": OpClass.ONLINE}  # fxquant's own torch.library ops, by schema name
+
+
 def classify(node: torch.fx.Node) -> OpClass:
     """The OpClass of a call node: the table entry, refined by operand shapes for mul/add."""
     if node.op != "call_function":
         return OpClass.BARRIER
+    if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fxquant":
+        return _FXQUANT_OPS.get(node.target._schema.name, OpClass.BARRIER)
     if node.target in (aten.mul.Tensor, aten.div.Tensor):
         # x * s commutes with any channel transform when s is constant along the channel dim
         return OpClass.COMMUTES_ORTHOGONAL if _scales_tokens_only(node) else OpClass.ELEMENTWISE

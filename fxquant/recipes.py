@@ -30,10 +30,13 @@ _INT4_W = ("quantize_weights", {"bits": 4, "symmetric": False, "group_size": 128
 _INT8_A = ("quantize_activations", {"bits": 8})
 _INT4_A = ("quantize_activations", {"bits": 4})
 _QUANT = {"w8a8": [_INT8_W, _INT8_A], "w4a8": [_INT4_W, _INT8_A], "w4a16": [_INT4_W], "w16a4": [_INT4_A]}
+_R4 = [("insert_online_hadamard", {})]
 PRESETS: dict[str, list[tuple[str, dict]]] = {
     "rotate-r1r2": _ROTATE,  # norm fusion + R1 + R2, float: outputs unchanged
+    "rotate-r1r2r4": _ROTATE + _R4,  # + an online Hadamard on each down_proj input, float
     **_QUANT,  # round-to-nearest fake-quant, no rotation
     **{f"rotate-r1r2-{name}": _ROTATE + steps for name, steps in _QUANT.items()},
+    **{f"rotate-r1r2r4-{name}": _ROTATE + _R4 + steps for name, steps in _QUANT.items()},
 }
 DEFAULT_RECIPE = "rotate-r1r2-w8a8"
 _TOP_LEVEL = ("preset", "passes", "name")

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-from transformers.pytorch_utils import Conv1D
-
 from fxquant.analysis.dataflow import linear_sites
 from fxquant.analysis.structure import Blocked
 from fxquant.config import ActQuantConfig
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.fake import ActivationFakeQuant, activation_hooks, remove_activation_hooks
-
-LINEAR_MODULES = (torch.nn.Linear, Conv1D)  # modules whose forward input is the linear's input
+from fxquant.quant.fake import ActivationFakeQuant, activation_hooks, input_is_hookable, remove_activation_hooks
 
 
 @fxpass(invalidates={"outputs", "graph"}, provides={"activations_quantized"})
@@ -32,7 +27,7 @@ def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResul
     changes, blocked = [], []
     for site in sites:
         module = cg.model.get_submodule(site.module)
-        if not isinstance(module, LINEAR_MODULES) or runs[site.module] > 1:
+        if not input_is_hookable(module, runs[site.module]):
             blocked.append(Blocked(site.node, site.module, "linear runs inside a larger module: its input "
                                                             "cannot be quantized by a hook on the module"))
             continue

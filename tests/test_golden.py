@@ -16,7 +16,8 @@ from fxquant.models import tiny_model
 from fxquant.viz.text import op_counts
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-CASES = [("llama", "rotate-r1r2"), ("llama", "rotate-r1r2-w8a8"), ("opt", "rotate-r1r2"), ("gpt2", "w8a8")]
+CASES = [("llama", "rotate-r1r2"), ("llama", "rotate-r1r2-w8a8"), ("opt", "rotate-r1r2"), ("gpt2", "w8a8"),
+         ("llama", "rotate-r1r2r4-w16a4")]
 
 
 @pytest.mark.parametrize("arch,preset", CASES)

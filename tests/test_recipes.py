@@ -14,8 +14,11 @@ from fxquant.recipes import load_recipe
 
 
 def test_presets_are_the_documented_ones():
-    assert set(PRESETS) == {"rotate-r1r2", "w8a8", "w4a8", "w4a16", "w16a4", "rotate-r1r2-w8a8",
-                            "rotate-r1r2-w4a8", "rotate-r1r2-w4a16", "rotate-r1r2-w16a4"}
+    quant = {"w8a8", "w4a8", "w4a16", "w16a4"}
+    assert set(PRESETS) == {"rotate-r1r2", "rotate-r1r2r4", *quant, *(f"rotate-r1r2-{q}" for q in quant),
+                            *(f"rotate-r1r2r4-{q}" for q in quant)}
+    assert [k for k, _ in load_recipe("rotate-r1r2r4-w16a4").steps][-2:] == ["insert_online_hadamard",
+                                                                             "quantize_activations"]
     r = load_recipe("rotate-r1r2")
     assert [k for k, _ in r.steps] == ["fold_norms", "layernorms_to_rms", "rotate_residual", "rotate_vo"]
     assert r.steps[2][1] == RotationConfig("random-hadamard", 0)

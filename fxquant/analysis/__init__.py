@@ -7,7 +7,7 @@ attention output, an MLP activation) or it is reported as Blocked, so nothing is
 from __future__ import annotations
 
 from fxquant.analysis.attention import find_vo_chains
-from fxquant.analysis.dataflow import linear_site, module_of
+from fxquant.analysis.dataflow import linear_input, linear_site, module_of, trace_views_back
 from fxquant.analysis.mlp import find_mlp_chains
 from fxquant.analysis.norms import find_norms
 from fxquant.analysis.stream import find_residual_stream
@@ -51,6 +51,8 @@ def _unexplained_linears(cg, explained, already) -> list[Blocked]:
     for node in cg.graph.nodes:
         if classify(node) is not OpClass.LINEAR or node.name in explained or node.name in reported:
             continue
+        if classify(trace_views_back(linear_input(node))[0]) is OpClass.ONLINE:
+            continue  # its input is rotated online (R4): explained by the op fxquant inserted
         if linear_site(cg, node) is None:
             why = "its weight is not a parameter of the model, so no transform can be folded into it"
         else:

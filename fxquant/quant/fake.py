@@ -9,8 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from fxquant.quant.numerics import fake_quantize
+
+LINEAR_MODULES = (torch.nn.Linear, Conv1D)  # modules whose forward input is the linear's input
+
+
+def input_is_hookable(module: torch.nn.Module, linears_in_module: int) -> bool:
+    """A pre-hook on `module` sees exactly its linear's input: one linear, and the module is that linear."""
+    return isinstance(module, LINEAR_MODULES) and linears_in_module == 1
 
 
 @dataclass(frozen=True)
