@@ -121,6 +121,7 @@ class _Snapshot:
         tensors = [t for _, slots in self.saved for slot in ("_parameters", "_buffers")
                    for t in slots[slot].values() if t is not None]
         self.values = {id(t): (t, t.detach().to("cpu", copy=True)) for t in tensors}  # host copy: spares GPU memory
+        self.attributes = [(m, set(vars(m))) for m, _ in self.saved]  # plain attributes a pass may add
         config = getattr(model, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
 
@@ -132,6 +133,9 @@ class _Snapshot:
                 getattr(module, slot).update(entries)
         for tensor, value in self.values.values():
             tensor.copy_(value)
+        for module, names in self.attributes:
+            for name in set(vars(module)) - names:
+                delattr(module, name)
         if self.config is not None:
             vars(self.config[0]).clear()
             vars(self.config[0]).update(self.config[1])

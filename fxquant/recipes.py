@@ -34,6 +34,7 @@ _R4 = [("insert_online_hadamard", {})]
 PRESETS: dict[str, list[tuple[str, dict]]] = {
     "rotate-r1r2": _ROTATE,  # norm fusion + R1 + R2, float: outputs unchanged
     "rotate-r1r2r4": _ROTATE + _R4,  # + an online Hadamard on each down_proj input, float
+    "quarot-float": _ROTATE + [("rotate_qk", {})] + _R4,  # R1..R4, no quantizer: for checking exactness
     **_QUANT,  # round-to-nearest fake-quant, no rotation
     **{f"rotate-r1r2-{name}": _ROTATE + steps for name, steps in _QUANT.items()},
     **{f"rotate-r1r2r4-{name}": _ROTATE + _R4 + steps for name, steps in _QUANT.items()},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fxquant.config import ActQuantConfig, NormFoldConfig, RotationConfig, WeightQuantConfig
 from fxquant.passes.fold_norms import fold_norms, layernorms_to_rms
-from fxquant.passes.online_hadamard import insert_online_hadamard
+from fxquant.passes.online_hadamard import insert_online_hadamard, rotate_qk
 from fxquant.passes.quantize_activations import quantize_activations
 from fxquant.passes.quantize_weights import quantize_weights
 from fxquant.passes.rotate_residual import rotate_residual
@@ -19,6 +19,7 @@ PASSES = {
     "rotate_residual": (rotate_residual, RotationConfig),  # R1
     "rotate_vo": (rotate_vo, RotationConfig),  # R2
     "insert_online_hadamard": (insert_online_hadamard, NormFoldConfig),  # R4 (precision of the fold)
+    "rotate_qk": (rotate_qk, None),  # R3: Hadamard on q and k after RoPE, inside attention
     "quantize_weights": (quantize_weights, WeightQuantConfig),  # RTN fake-quant weights
     "quantize_activations": (quantize_activations, ActQuantConfig),  # per-token fake-quant inputs
 }

@@ -1,4 +1,6 @@
-"""R4 (QuaRot / SpinQuant): an online Hadamard on every down_proj input, its inverse folded into the weight.
+"""Online Hadamards (QuaRot / SpinQuant): R4 on every down_proj input, R3 on queries and keys.
+
+R4, `insert_online_hadamard`:
 
     x' = hadamard(x) = x H^T / sqrt(n)      (an fxquant::hadamard op, run by a pre-hook on down_proj)
     W' = W H^T / sqrt(n)                     =>  x' W'^T = x (H^T H / n) W^T = x W^T
@@ -8,6 +10,9 @@ does not commute with a rotation), so the rotation runs at inference; it spreads
 down_proj's input, the one linear input R1/R2 leave untouched. The sites come from the Structure
 (`online_sites`); a site whose linear runs inside a larger module (stacked MoE experts) is reported
 blocked.
+
+R3, `rotate_qk`: (q H)(k H)^T = q k^T per head, so a Hadamard on post-RoPE queries and keys costs no
+weight edit; it spreads the outliers of keys, which makes a quantized KV cache usable.
 """
 from __future__ import annotations
 
@@ -17,11 +22,13 @@ import torch
 
 from fxquant.analysis.dataflow import linear_sites
 from fxquant.analysis.structure import Blocked
+from fxquant.attention import ATTR, AttentionTransform, install, record_calls
 from fxquant.config import NormFoldConfig
 from fxquant.hadamard import check_rotation, hadamard_transform
 from fxquant.online import OnlineHadamard
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.fake import input_is_hookable
+from fxquant.verify import model_outputs
 from fxquant.weights import rotate_in
 
 
@@ -47,4 +54,34 @@ def insert_online_hadamard(cg, structure, cfg: NormFoldConfig | None) -> PassRes
         rotate_in(cg.param(site.weight), hadamard_transform, transposed=site.transposed, precision=prec)
         module.register_forward_pre_hook(OnlineHadamard(), prepend=True)  # before any activation quantizer
         changes.append(Change("inserted", site.module, f"R4 online Hadamard({site.in_features}) on its input"))
+    return PassResult(tuple(changes), tuple(blocked))
+
+
+def check_head_sizes(cg, structure, cfg) -> None:
+    """Before any pass runs: each attention's head size has a Hadamard matrix."""
+    for head_dim in sorted({chain.head_dim for chain in structure.vo_chains}):
+        check_rotation("hadamard", head_dim)
+
+
+@fxpass(provides={"online_r3"}, invalidates={"graph"}, check=check_head_sizes)
+def rotate_qk(cg, structure, cfg) -> PassResult:
+    """R3: a Hadamard on every query and key head after RoPE (it cancels in q k^T); no weight changes.
+
+    The transform runs inside fxquant's attention implementation; a probe run checks that each
+    module really dispatches through it (an attention that bypasses AttentionInterface is blocked).
+    """
+    modules = {cg.module_of(cg.node(chain.attention)): chain for chain in structure.vo_chains}
+    for path in modules:
+        install(cg.model, cg.model.get_submodule(path), AttentionTransform(rotate_qk=True))
+    with record_calls() as seen:
+        model_outputs(cg.model, cg.example_inputs)
+    changes, blocked = [], []
+    for path, chain in modules.items():
+        module = cg.model.get_submodule(path)
+        if id(module) in seen:
+            changes.append(Change("inserted", path, f"R3 online Hadamard({chain.head_dim}) on q and k after RoPE"))
+        else:
+            delattr(module, ATTR)
+            blocked.append(Blocked(chain.attention, path, "R3: this attention does not dispatch through "
+                                                          "transformers' AttentionInterface"))
     return PassResult(tuple(changes), tuple(blocked))

@@ -15,7 +15,7 @@ from fxquant.recipes import load_recipe
 
 def test_presets_are_the_documented_ones():
     quant = {"w8a8", "w4a8", "w4a16", "w16a4"}
-    assert set(PRESETS) == {"rotate-r1r2", "rotate-r1r2r4", *quant, *(f"rotate-r1r2-{q}" for q in quant),
+    assert set(PRESETS) == {"rotate-r1r2", "rotate-r1r2r4", "quarot-float", *quant, *(f"rotate-r1r2-{q}" for q in quant),
                             *(f"rotate-r1r2r4-{q}" for q in quant)}
     assert [k for k, _ in load_recipe("rotate-r1r2r4-w16a4").steps][-2:] == ["insert_online_hadamard",
                                                                              "quantize_activations"]
@@ -215,3 +215,22 @@ def test_bfloat16_models_rotate_within_their_own_rounding():
 def test_config_values_must_have_the_exact_type(fields, match):
     with pytest.raises(RecipeError, match=match):
         load_recipe({"passes": [{"pass": "quantize_weights", **fields}]})
+
+
+def test_rollback_removes_the_attention_transform_a_pass_attached(monkeypatch):
+    import importlib
+
+    from fxquant.attention import ATTR
+
+    online = importlib.import_module("fxquant.passes.online_hadamard")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure inside R4")
+
+    monkeypatch.setattr(online, "rotate_in", broken)
+    model = tiny_model("llama")
+    implementation = model.config._attn_implementation
+    with pytest.raises(Exception, match="simulated failure inside R4"):
+        quantize(model, "quarot-float")
+    assert not any(hasattr(m, ATTR) for m in model.modules())
+    assert model.config._attn_implementation == implementation

@@ -77,3 +77,29 @@ def _error(preset):
 
 def test_r4_makes_4bit_activations_more_accurate_when_down_proj_inputs_have_outliers():
     assert _error("rotate-r1r2r4-w16a4") < 0.8 * _error("rotate-r1r2-w16a4")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quarot_float_r3_and_r4_keep_logits_and_cached_generation(arch):
+    model, ids = tiny_model(arch), _ids()
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    result = apply_recipe(model, "quarot-float")
+    with torch.no_grad():
+        assert (model(ids, use_cache=False).logits - ref).abs().max() <= REL_TOL * ref.abs().max()
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), tokens)
+    assert result.results["rotate_qk"].summary() == "2 inserted, 0 blocked"
+    r4 = sum(c.kind == "inserted" for c in result.results["insert_online_hadamard"].changes)
+    assert op_counts(capture(model))["fxquant.hadamard.default"] == 2 * 2 + r4  # q and k per layer, R4
+
+
+def test_r3_nodes_take_the_post_rope_queries_and_keys():
+    model = tiny_model("llama")
+    quantize(model, "quarot-float")
+    cg = capture(model)
+    sdpa = [n for n in cg.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    for node in sdpa:
+        q, k = node.args[0], node.args[1]
+        assert [str(a.target) for a in (q, k)] == ["fxquant.hadamard.default"] * 2
+        assert all("add" in str(a.args[0].target) for a in (q, k))  # RoPE ends in q*cos + rotate_half(q)*sin

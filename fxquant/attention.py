@@ -1,0 +1,64 @@
+"""Transforms inside attention that no weight can absorb: R3 (Hadamard on q and k after RoPE).
+
+Entry points: `AttentionTransform` (what one attention module does), `install(model, module, t)`
+and `ATTENTION_IMPLEMENTATION`. The one idea: transformers 5 dispatches every attention call
+through `AttentionInterface`; fxquant registers one implementation that looks up the calling
+module's `AttentionTransform`, applies it to the post-RoPE queries and keys, then runs SDPA. So
+`generate()` and the KV cache work unchanged, and a re-capture shows the `fxquant.hadamard` nodes.
+
+    (q H)(k H)^T = q H H^T k^T = q k^T      for an orthogonal H per head (R3 cancels in the scores)
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from fxquant.online import hadamard  # the torch.library op fxquant::hadamard
+
+ATTENTION_IMPLEMENTATION = "fxquant_sdpa"
+ATTR = "fxquant_attention"  # the attribute an attention module carries its AttentionTransform under
+_SEEN = threading.local()  # module ids the implementation ran for, while a probe is recording
+
+
+@dataclass(frozen=True)
+class AttentionTransform:
+    """R3: rotate queries and keys per head by a normalized Hadamard (fxquant::hadamard)."""
+
+    rotate_qk: bool = True
+
+
+def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with the calling module's AttentionTransform applied to the post-RoPE q and k."""
+    transform = getattr(module, ATTR, None)
+    if transform is not None:
+        seen = getattr(_SEEN, "ids", None)
+        if seen is not None:
+            seen.add(id(module))
+        if transform.rotate_qk:
+            query, key = hadamard(query), hadamard(key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, fxquant_sdpa)
+
+
+def install(model: torch.nn.Module, module: torch.nn.Module, transform: AttentionTransform) -> None:
+    """Attach `transform` to one attention module and route the model's attention through fxquant."""
+    setattr(module, ATTR, transform)
+    for config in {id(c): c for c in (getattr(model, "config", None), getattr(module, "config", None)) if c}.values():
+        config._attn_implementation = ATTENTION_IMPLEMENTATION
+
+
+class record_calls:
+    """Context manager: the ids of the attention modules whose transform actually ran."""
+
+    def __enter__(self) -> set[int]:
+        _SEEN.ids = set()
+        return _SEEN.ids
+
+    def __exit__(self, *exc) -> None:
+        _SEEN.ids = None
