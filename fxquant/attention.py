@@ -1,4 +1,5 @@
-"""Transforms inside attention that no weight can absorb: R3 (Hadamard on q and k after RoPE).
+"""Transforms inside attention that no weight can absorb: R3 (Hadamard on q and k after RoPE) and
+KV-cache fake-quant.
 
 Entry points: `AttentionTransform` (what one attention module does), `install(model, module, t)`
 and `ATTENTION_IMPLEMENTATION`. The one idea: transformers 5 dispatches every attention call
@@ -10,6 +11,7 @@ module's `AttentionTransform`, applies it to the post-RoPE queries and keys, the
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from fxquant.online import hadamard  # the torch.library op fxquant::hadamard
+from fxquant.quant.numerics import fake_quantize
 
 ATTENTION_IMPLEMENTATION = "fxquant_sdpa"
 ATTR = "fxquant_attention"  # the attribute an attention module carries its AttentionTransform under
@@ -26,9 +29,12 @@ _SEEN = threading.local()  # module ids the implementation ran for, while a prob
 
 @dataclass(frozen=True)
 class AttentionTransform:
-    """R3: rotate queries and keys per head by a normalized Hadamard (fxquant::hadamard)."""
+    """R3: rotate queries and keys per head by a normalized Hadamard (fxquant::hadamard); KV cache:
+    fake-quantize keys (after R3) and values per (token, head), `kv_bits` None = float."""
 
-    rotate_qk: bool = True
+    rotate_qk: bool = False
+    kv_bits: int | None = None
+    kv_symmetric: bool = False
 
 
 def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -40,17 +46,22 @@ def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
             seen.add(id(module))
         if transform.rotate_qk:
             query, key = hadamard(query), hadamard(key)
+        if transform.kv_bits is not None:  # [batch, heads, tokens, head_dim]: one scale per (token, head)
+            key = fake_quantize(key, transform.kv_bits, transform.kv_symmetric)
+            value = fake_quantize(value, transform.kv_bits, transform.kv_symmetric)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, fxquant_sdpa)
 
 
-def install(model: torch.nn.Module, module: torch.nn.Module, transform: AttentionTransform) -> None:
-    """Attach `transform` to one attention module and route the model's attention through fxquant."""
+def install(model: torch.nn.Module, module: torch.nn.Module, **fields) -> AttentionTransform:
+    """Set `fields` of one attention module's transform and route the model's attention through fxquant."""
+    transform = dataclasses.replace(getattr(module, ATTR, None) or AttentionTransform(), **fields)
     setattr(module, ATTR, transform)
     for config in {id(c): c for c in (getattr(model, "config", None), getattr(module, "config", None)) if c}.values():
         config._attn_implementation = ATTENTION_IMPLEMENTATION
+    return transform
 
 
 class record_calls:

@@ -91,7 +91,20 @@ class ActQuantConfig:
         _one_of("ActQuantConfig", "symmetric", self.symmetric, (True, False))
 
 
-CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, WeightQuantConfig, ActQuantConfig)}
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """KV-cache fake-quant: keys (after R3) and values, one scale per (token, head)."""
+
+    bits: int = 4
+    symmetric: bool = False
+
+    def __post_init__(self):
+        _one_of("KVQuantConfig", "bits", self.bits, (4, 8))
+        _one_of("KVQuantConfig", "symmetric", self.symmetric, (True, False))
+
+
+CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, WeightQuantConfig, ActQuantConfig,
+                                              KVQuantConfig)}
 
 
 def config_fields(cls) -> tuple[str, ...]:

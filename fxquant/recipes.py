@@ -29,12 +29,18 @@ _INT8_W = ("quantize_weights", {"bits": 8, "symmetric": True})
 _INT4_W = ("quantize_weights", {"bits": 4, "symmetric": False, "group_size": 128})
 _INT8_A = ("quantize_activations", {"bits": 8})
 _INT4_A = ("quantize_activations", {"bits": 4})
-_QUANT = {"w8a8": [_INT8_W, _INT8_A], "w4a8": [_INT4_W, _INT8_A], "w4a16": [_INT4_W], "w16a4": [_INT4_A]}
+_INT4_W_SYM = ("quantize_weights", {"bits": 4, "symmetric": True})  # per output channel
+_QUANT = {"w8a8": [_INT8_W, _INT8_A], "w4a8": [_INT4_W, _INT8_A], "w4a16": [_INT4_W], "w16a4": [_INT4_A],
+          "w4a4": [_INT4_W_SYM, _INT4_A]}
 _R4 = [("insert_online_hadamard", {})]
+_QUAROT = _ROTATE + [("rotate_qk", {})] + _R4
+_INT4_W_CHANNEL = ("quantize_weights", {"bits": 4, "symmetric": True, "clip_search": True})  # per channel
 PRESETS: dict[str, list[tuple[str, dict]]] = {
     "rotate-r1r2": _ROTATE,  # norm fusion + R1 + R2, float: outputs unchanged
     "rotate-r1r2r4": _ROTATE + _R4,  # + an online Hadamard on each down_proj input, float
-    "quarot-float": _ROTATE + [("rotate_qk", {})] + _R4,  # R1..R4, no quantizer: for checking exactness
+    "quarot-float": _QUAROT,  # R1..R4, no quantizer: for checking exactness
+    "quarot-w4a4kv4": _QUAROT + [_INT4_W_CHANNEL, _INT4_A, ("quantize_kv_cache", {"bits": 4})],
+    "quarot-w4a8": _QUAROT + [_INT4_W_CHANNEL, _INT8_A],
     **_QUANT,  # round-to-nearest fake-quant, no rotation
     **{f"rotate-r1r2-{name}": _ROTATE + steps for name, steps in _QUANT.items()},
     **{f"rotate-r1r2r4-{name}": _ROTATE + _R4 + steps for name, steps in _QUANT.items()},

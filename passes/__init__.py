@@ -5,9 +5,9 @@ configuration). Recipes name passes only through this table.
 """
 from __future__ import annotations
 
-from fxquant.config import ActQuantConfig, NormFoldConfig, RotationConfig, WeightQuantConfig
+from fxquant.config import ActQuantConfig, KVQuantConfig, NormFoldConfig, RotationConfig, WeightQuantConfig
 from fxquant.passes.fold_norms import fold_norms, layernorms_to_rms
-from fxquant.passes.online_hadamard import insert_online_hadamard, rotate_qk
+from fxquant.passes.online_hadamard import insert_online_hadamard, quantize_kv_cache, rotate_qk
 from fxquant.passes.quantize_activations import quantize_activations
 from fxquant.passes.quantize_weights import quantize_weights
 from fxquant.passes.rotate_residual import rotate_residual
@@ -22,4 +22,5 @@ PASSES = {
     "rotate_qk": (rotate_qk, None),  # R3: Hadamard on q and k after RoPE, inside attention
     "quantize_weights": (quantize_weights, WeightQuantConfig),  # RTN fake-quant weights
     "quantize_activations": (quantize_activations, ActQuantConfig),  # per-token fake-quant inputs
+    "quantize_kv_cache": (quantize_kv_cache, KVQuantConfig),  # k (after R3) and v per (token, head)
 }

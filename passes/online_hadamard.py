@@ -12,7 +12,8 @@ down_proj's input, the one linear input R1/R2 leave untouched. The sites come fr
 blocked.
 
 R3, `rotate_qk`: (q H)(k H)^T = q k^T per head, so a Hadamard on post-RoPE queries and keys costs no
-weight edit; it spreads the outliers of keys, which makes a quantized KV cache usable.
+weight edit; it spreads the outliers of keys, which makes a quantized KV cache (`quantize_kv_cache`,
+fake-quant of k and v per (token, head) inside the same attention implementation) usable.
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from collections import Counter
 
 import torch
 
-from fxquant.analysis.dataflow import linear_sites
+from fxquant.analysis.dataflow import linear_sites, shape_of
 from fxquant.analysis.structure import Blocked
-from fxquant.attention import ATTR, AttentionTransform, install, record_calls
-from fxquant.config import NormFoldConfig
+from fxquant.attention import ATTR, install, record_calls
+from fxquant.config import KVQuantConfig, NormFoldConfig
 from fxquant.hadamard import check_rotation, hadamard_transform
 from fxquant.online import OnlineHadamard
+from fxquant.ops import OpClass, classify
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.fake import input_is_hookable
 from fxquant.verify import model_outputs
@@ -59,7 +61,7 @@ def insert_online_hadamard(cg, structure, cfg: NormFoldConfig | None) -> PassRes
 
 def check_head_sizes(cg, structure, cfg) -> None:
     """Before any pass runs: each attention's head size has a Hadamard matrix."""
-    for head_dim in sorted({chain.head_dim for chain in structure.vo_chains}):
+    for head_dim in sorted({shape_of(node.args[0])[-1] for node in _attention_nodes(cg).values()}):
         check_rotation("hadamard", head_dim)
 
 
@@ -70,18 +72,43 @@ def rotate_qk(cg, structure, cfg) -> PassResult:
     The transform runs inside fxquant's attention implementation; a probe run checks that each
     module really dispatches through it (an attention that bypasses AttentionInterface is blocked).
     """
-    modules = {cg.module_of(cg.node(chain.attention)): chain for chain in structure.vo_chains}
+    return install_in_attention(cg, "R3", lambda node: f"online Hadamard({shape_of(node.args[0])[-1]}) on q and k "
+                                "after RoPE", rotate_qk=True)
+
+
+def _attention_nodes(cg) -> dict[str, torch.fx.Node]:
+    """Module path -> its attention (SDPA) node, read from the graph (not from v->o chains, which an
+    earlier quantizer may have made unprovable)."""
+    return {cg.module_of(n): n for n in cg.graph.nodes if classify(n) is OpClass.ATTENTION}
+
+
+def install_in_attention(cg, what: str, describe, **fields) -> PassResult:
+    """Set `fields` of every attention module's AttentionTransform, then prove by a probe run that
+    each module dispatches through fxquant's attention; a module that does not is reported blocked."""
+    modules = _attention_nodes(cg)
+    before = {path: getattr(cg.model.get_submodule(path), ATTR, None) for path in modules}
     for path in modules:
-        install(cg.model, cg.model.get_submodule(path), AttentionTransform(rotate_qk=True))
+        install(cg.model, cg.model.get_submodule(path), **fields)
     with record_calls() as seen:
         model_outputs(cg.model, cg.example_inputs)
     changes, blocked = [], []
-    for path, chain in modules.items():
+    for path, node in modules.items():
         module = cg.model.get_submodule(path)
         if id(module) in seen:
-            changes.append(Change("inserted", path, f"R3 online Hadamard({chain.head_dim}) on q and k after RoPE"))
-        else:
+            changes.append(Change("inserted", path, f"{what} {describe(node)}"))
+            continue
+        if before[path] is None:
             delattr(module, ATTR)
-            blocked.append(Blocked(chain.attention, path, "R3: this attention does not dispatch through "
-                                                          "transformers' AttentionInterface"))
+        else:
+            setattr(module, ATTR, before[path])
+        blocked.append(Blocked(node.name, path, f"{what}: this attention does not dispatch through "
+                                                "transformers' AttentionInterface"))
     return PassResult(tuple(changes), tuple(blocked))
+
+
+@fxpass(invalidates={"outputs", "graph"}, provides={"kv_quantized"})
+def quantize_kv_cache(cg, structure, cfg: KVQuantConfig | None) -> PassResult:
+    """Fake-quantize keys (after R3, when present) and values per (token, head) as they enter attention."""
+    cfg = cfg or KVQuantConfig()
+    return install_in_attention(cg, "KV", lambda node: f"int{cfg.bits} per (token, head)",
+                                kv_bits=cfg.bits, kv_symmetric=cfg.symmetric)

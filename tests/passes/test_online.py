@@ -103,3 +103,28 @@ def test_r3_nodes_take_the_post_rope_queries_and_keys():
         q, k = node.args[0], node.args[1]
         assert [str(a.target) for a in (q, k)] == ["fxquant.hadamard.default"] * 2
         assert all("add" in str(a.args[0].target) for a in (q, k))  # RoPE ends in q*cos + rotate_half(q)*sin
+
+
+def test_kv_cache_quantization_puts_keys_after_r3_and_values_on_a_4bit_grid(monkeypatch):
+    import fxquant.attention as attention
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((key.detach().clone(), value.detach().clone()))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    model = tiny_model("llama")
+    result = apply_recipe(model, "quarot-w4a4kv4")
+    assert result.results["quantize_kv_cache"].summary() == "2 inserted, 0 blocked"
+    real = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    with torch.no_grad():
+        model(_ids()[:1], use_cache=False)
+    assert len(seen) == 2
+    for key, value in seen:  # [batch, kv heads, tokens, head_dim]: 16 levels per (token, head) at most
+        for t in (key, value):
+            assert max(row.unique().numel() for row in t.reshape(-1, t.shape[-1])) <= 16
+    tokens = model.generate(_ids()[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (1, 16)
+
