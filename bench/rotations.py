@@ -14,8 +14,10 @@ import tomllib
 import torch
 
 from fxquant.api import apply_recipe
+from fxquant.config import WeightQuantConfig
 from fxquant.eval import EvalSplit, default_tokens, eval_windows, perplexity
 from fxquant.models import load_model
+from fxquant.recipes import load_recipe
 
 RECIPES = ["float", "rotate-r1r2", "w8a8", "rotate-r1r2-w8a8", "w4a8", "rotate-r1r2-w4a8",
            "w4a16", "rotate-r1r2-w4a16", "w16a4", "rotate-r1r2-w16a4"]
@@ -35,14 +37,16 @@ def _recipe(name: str, group_size: int) -> dict | None:
         return None
     preset, *pairs = name.split("+")
     fields = {k: _value(v) for k, _, v in (p.partition("=") for p in pairs)}
-    return {"preset": preset, **({"group_size": group_size} if "w4a" in preset else {}), **fields}
+    grouped = any(isinstance(c, WeightQuantConfig) and c.group_size for _, c in load_recipe(preset).steps)
+    return {"preset": preset, **({"group_size": group_size} if grouped else {}), **fields}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--n-eval", type=int, default=EvalSplit.n_eval)
-    p.add_argument("--group-size", type=int, default=64, help="int4 weight group (SmolLM2's 576 = 9 * 64)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="replaces the group of grouped int4 presets (SmolLM2's 576 = 9 * 64; per-channel ones are kept)")
     p.add_argument("--recipes", default=",".join(RECIPES))
     args = p.parse_args(argv)
     print(f"# {args.model}, last {args.n_eval} windows of {EvalSplit.seq_len} tokens, torch {torch.__version__}, "
