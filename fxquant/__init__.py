@@ -16,11 +16,12 @@ from fxquant.errors import (
 from fxquant.ir import CapturedGraph, ParamRef
 from fxquant.pipeline import Change, PassResult, Pipeline, Step, fxpass
 from fxquant.recipes import PRESETS, Recipe, load_recipe
+from fxquant.serialize import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "apply_recipe", "load_recipe", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
+    "quantize", "apply_recipe", "save", "load", "load_recipe", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
     "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
     "NoHadamardError", "RecipeError", "ModelLoadError", "PassError",
 ]

@@ -1,9 +1,7 @@
 """The public entry point: `quantize(model, recipe, calibration=None) -> model`.
 
 The same model object comes back, transformed in place (a Hugging Face model keeps `generate()`
-and its KV cache; an RMSNorm model also round-trips through `save_pretrained`/`from_pretrained`.
-A LayerNorm model (OPT, GPT-2, Phi) does not yet: its norms became RMSNorm modules and a folded
-LayerNorm bias may sit in a new `lm_head.bias`, which its transformers config cannot express.) The one idea: decide before doing, and undo on failure. The
+and its KV cache; `fxquant.save` / `fxquant.load` round-trip it with its online ops and quantizers). The one idea: decide before doing, and undo on failure. The
 recipe and calibration data are validated before capture; passes refuse before they edit; and if
 anything still fails mid-way, every parameter, submodule and hook is restored, so an error leaves
 the model exactly as it was. Float-preserving passes are verified on the capture's example inputs
@@ -62,7 +60,7 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollba
     seconds = time.perf_counter() - start
     lines = [f"{line}  [{result.seconds[name]:.2f} s]" for name, line in zip(result.seconds, result.log)]
     log = (f"recipe {recipe}", *lines, f"applied in {seconds:.1f} s (capture {cg.capture_seconds:.1f} s, "
-                                       f"passes {sum(result.seconds.values()):.1f} s, the rest: analysis and checks)")
+                                       f"passes {sum(result.seconds.values()):.1f} s, the rest: re-captures, analysis, checks)")
     return dataclasses.replace(result, log=log)
 
 

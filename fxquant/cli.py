@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a field in every pass that has it, e.g. --set group_size=64 --set seed=3")
     q.add_argument("--eval-windows", type=int, default=0,
                    help="also measure perplexity before and after on this many eval windows (0: skip)")
+    q.add_argument("--out", default=None, help="save the result here (fxquant.save: safetensors + JSON, "
+                                               "plus the tokenizer); `fxquant eval --model DIR` loads it")
     q.set_defaults(run=_quantize)
     inspect = sub.add_parser("inspect", help="capture and analyse a model, print the structure found")
     inspect.add_argument("--model", required=True, help="smollm2, a local HF dir or .gguf file, or tiny-ARCH")
@@ -77,9 +79,8 @@ def _inspect(args) -> int:
 def _eval(args) -> int:
     from fxquant.errors import ModelLoadError
     from fxquant.eval import EvalSplit, default_tokens, eval_windows, perplexity
-    from fxquant.models import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load_for_eval(args.model)
     if tokenizer is None:
         raise ModelLoadError(
             f"model {args.model!r} has no tokenizer, so the default text cannot be tokenized; "
@@ -108,6 +109,13 @@ def _quantize(args) -> int:
     if before is not None:
         after = _quick_ppl(model, tokenizer, args.eval_windows)
         print(f"perplexity on the last {args.eval_windows} eval windows: {before:.3f} -> {after:.3f}")
+    if args.out:
+        from fxquant.serialize import save
+
+        save(model, args.out, recipe=recipe)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+        print(f"saved to {args.out} (fxquant eval --model {args.out})")
     return 0
 
 
@@ -138,6 +146,20 @@ def _quick_ppl(model, tokenizer, n: int):
     from fxquant.eval import EvalSplit, default_tokens, eval_windows, perplexity
 
     return perplexity(model, eval_windows(default_tokens(tokenizer), EvalSplit(n_eval=n)))
+
+
+def _load_for_eval(spec: str):
+    """A directory fxquant.save wrote (online ops and quantizers included), or any load_model spec."""
+    from fxquant.models import load_model
+
+    if (Path(spec) / "fxquant.json").is_file():
+        from transformers import AutoTokenizer
+
+        from fxquant.serialize import load
+
+        has_tokenizer = any((Path(spec) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        return load(spec), AutoTokenizer.from_pretrained(spec) if has_tokenizer else None
+    return load_model(spec)
 
 
 def _slug(spec: str) -> str:

@@ -1,0 +1,132 @@
+"""Save and load a transformed model: safetensors weights + one JSON file, no pickle.
+
+Entry points: `save(model, directory, recipe=None)` and `load(directory) -> model`. The one idea:
+what fxquant changed beyond weight values is small and describable as data, so it is written down
+next to the transformers config and replayed on a fresh model from that config:
+
+- module swaps (a LayerNorm that became a weightless RMSNorm), from an allow-list of types;
+- parameters the architecture does not have (a folded LayerNorm bias in lm_head);
+- forward pre-hooks on layers (online Hadamard, activation fake-quant), in order;
+- attention transforms (R3, KV-cache fake-quant).
+
+The weights are then loaded strictly (every key must match), so a loaded model computes exactly
+what the saved one did, with no calibration data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+from fxquant.attention import ATTR, install
+from fxquant.errors import ModelLoadError
+from fxquant.online import OnlineHadamard
+from fxquant.quant.fake import ActivationFakeQuant
+from fxquant.weights import replace_module
+
+FORMAT = "fxquant-1"
+WEIGHTS, META = "model.safetensors", "fxquant.json"
+_HOOKS = {"OnlineHadamard": OnlineHadamard, "ActivationFakeQuant": ActivationFakeQuant}
+
+
+def save(model: torch.nn.Module, directory, recipe=None) -> Path:
+    """Write `model` (a transformers model fxquant transformed) to `directory`; returns the path."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    fresh = _fresh(model.config, device="meta")
+    meta = {
+        "format": FORMAT,
+        "architecture": type(model).__name__,
+        "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
+        "modules": _swapped_modules(model, fresh),
+        "extra_parameters": _extra_parameters(model, fresh),
+        "hooks": _hooks(model),
+        "attention": {name: dataclasses.asdict(getattr(m, ATTR)) for name, m in model.named_modules()
+                      if getattr(m, ATTR, None) is not None},
+    }
+    model.config.save_pretrained(out)
+    save_model(model, str(out / WEIGHTS), metadata={"format": FORMAT})  # ties stored once
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Rebuild a model saved by `save`: config -> fresh model -> replayed edits -> strict weights."""
+    from transformers import AutoConfig
+
+    src = Path(directory)
+    if not (src / META).is_file():
+        raise ModelLoadError(f"'{src}' has no {META}: it was not written by fxquant.save")
+    meta = json.loads((src / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ModelLoadError(f"'{src / META}' has format {meta.get('format')!r}; this fxquant reads {FORMAT!r}")
+    model = _fresh(AutoConfig.from_pretrained(src), dtype=dtype or _saved_dtype(src / WEIGHTS))
+    for path, spec in meta["modules"].items():
+        replace_module(model, path, _build_module(path, spec))
+    for path, shape in meta["extra_parameters"].items():
+        owner, _, name = path.rpartition(".")
+        model.get_submodule(owner).register_parameter(name, torch.nn.Parameter(torch.zeros(shape)))
+    load_model(model, str(src / WEIGHTS), strict=True)
+    for path, hooks in meta["hooks"].items():
+        for hook in hooks:
+            model.get_submodule(path).register_forward_pre_hook(_HOOKS[hook.pop("type")](**hook))
+    for path, fields in meta["attention"].items():
+        install(model, model.get_submodule(path), **fields)
+    return model.eval()
+
+
+def _fresh(config, device=None, dtype=None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device or "cpu"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+
+
+def _saved_dtype(path: Path) -> torch.dtype:
+    """The dtype of the first floating tensor in a safetensors file (the model is rebuilt in it)."""
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}.get(
+                t.get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
+def _swapped_modules(model, fresh) -> dict:
+    """Modules whose type differs from the architecture's: only types fxquant itself installs."""
+    out = {}
+    fresh_modules = dict(fresh.named_modules())
+    for name, module in model.named_modules():
+        if name in fresh_modules and type(module) is not type(fresh_modules[name]):
+            if not isinstance(module, torch.nn.RMSNorm) or module.weight is not None:
+                raise ModelLoadError(f"cannot save module '{name}' of type {type(module).__name__}: fxquant only "
+                                     "records the weightless RMSNorm its layernorms_to_rms pass installs")
+            out[name] = {"type": "RMSNorm", "width": list(module.normalized_shape), "eps": module.eps}
+    return out
+
+
+def _build_module(path: str, spec: dict) -> torch.nn.Module:
+    if spec.get("type") != "RMSNorm":
+        raise ModelLoadError(f"module '{path}': unknown saved type {spec.get('type')!r}; known: ['RMSNorm']")
+    return torch.nn.RMSNorm(spec["width"], eps=spec["eps"], elementwise_affine=False)
+
+
+def _extra_parameters(model, fresh) -> dict:
+    known = {name for name, _ in fresh.named_parameters()}
+    return {name: list(p.shape) for name, p in model.named_parameters() if name not in known}
+
+
+def _hooks(model) -> dict:
+    out = {}
+    for name, module in model.named_modules():
+        ours = [{"type": type(h).__name__, **dataclasses.asdict(h)} for h in module._forward_pre_hooks.values()
+                if isinstance(h, tuple(_HOOKS.values()))]
+        if ours:
+            out[name] = ours
+    return out
