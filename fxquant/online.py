@@ -17,8 +17,9 @@ from fxquant.hadamard import hadamard_transform
 
 @torch.library.custom_op("fxquant::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """y = x @ H^T / sqrt(n) over the last dim (n = m * 2^k from fxquant.hadamard)."""
-    return hadamard_transform(x)
+    """y = x @ H^T / sqrt(n) over the last dim (n = m * 2^k from fxquant.hadamard), laid out like x."""
+    out = torch.empty_like(x)  # q and k arrive as transposed views: keep their strides, as the fake does
+    return out.copy_(hadamard_transform(x))
 
 
 @hadamard.register_fake

@@ -128,3 +128,23 @@ def test_kv_cache_quantization_puts_keys_after_r3_and_values_on_a_4bit_grid(monk
     tokens = model.generate(_ids()[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert tokens.shape == (1, 16)
 
+
+
+def test_torch_compile_of_a_quarot_float_model_matches_eager_and_export_shows_the_ops():
+    """The custom op has a fake implementation: inductor (CPU) and torch.export both trace through it."""
+    model, ids = tiny_model("llama"), _ids()[:1]
+    quantize(model, "quarot-float")
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        compiled = torch.compile(model)(ids, use_cache=False).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(model, (ids,), kwargs={"use_cache": False}, strict=False)
+    targets = [str(n.target) for n in exported.graph.nodes]
+    assert targets.count("fxquant.hadamard.default") == 6  # per layer: q, k (R3) and down_proj (R4)
+
+
+def test_the_hadamard_op_passes_torch_library_opcheck():
+    from fxquant.online import hadamard
+
+    for x in (torch.randn(2, 64), torch.randn(1, 4, 6, 16).transpose(1, 2)):
+        torch.library.opcheck(hadamard._opoverload, (x,))
