@@ -22,16 +22,22 @@ def _ids():
     return torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_r4_keeps_the_function_and_shows_one_hadamard_node_per_site(arch):
+def _apply_keeping_the_function(arch: str, preset: str):
+    """Apply a float preset to a tiny `arch`; assert logits and cached greedy tokens did not move."""
     model, ids = tiny_model(arch), _ids()
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
     tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
-    result = apply_recipe(model, "rotate-r1r2r4")
+    result = apply_recipe(model, preset)
     with torch.no_grad():
         assert (model(ids, use_cache=False).logits - ref).abs().max() <= REL_TOL * ref.abs().max()
     assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), tokens)
+    return model, result
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_r4_keeps_the_function_and_shows_one_hadamard_node_per_site(arch):
+    model, result = _apply_keeping_the_function(arch, "rotate-r1r2r4")
     r4 = result.results["insert_online_hadamard"]
     inserted = sum(c.kind == "inserted" for c in r4.changes)
     assert inserted == 2 * (arch != "mixtral") and len(r4.blocked) == STACKED_EXPERTS.get(arch, 0)
@@ -81,14 +87,7 @@ def test_r4_makes_4bit_activations_more_accurate_when_down_proj_inputs_have_outl
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quarot_float_r3_and_r4_keep_logits_and_cached_generation(arch):
-    model, ids = tiny_model(arch), _ids()
-    with torch.no_grad():
-        ref = model(ids, use_cache=False).logits
-    tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
-    result = apply_recipe(model, "quarot-float")
-    with torch.no_grad():
-        assert (model(ids, use_cache=False).logits - ref).abs().max() <= REL_TOL * ref.abs().max()
-    assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), tokens)
+    model, result = _apply_keeping_the_function(arch, "quarot-float")
     assert result.results["rotate_qk"].summary() == "2 inserted, 0 blocked"
     r4 = sum(c.kind == "inserted" for c in result.results["insert_online_hadamard"].changes)
     assert op_counts(capture(model))["fxquant.hadamard.default"] == 2 * 2 + r4  # q and k per layer, R4
