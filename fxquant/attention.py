@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from fxquant.online import hadamard  # the torch.library op fxquant::hadamard
-from fxquant.quant.numerics import fake_quantize
+from fxquant.quant.fake import fake_quant
 
 ATTENTION_IMPLEMENTATION = "fxquant_sdpa"
 ATTR = "fxquant_attention"  # the attribute an attention module carries its AttentionTransform under
@@ -47,8 +47,8 @@ def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
         if transform.rotate_qk:
             query, key = hadamard(query), hadamard(key)
         if transform.kv_bits is not None:  # [batch, heads, tokens, head_dim]: one scale per (token, head)
-            key = fake_quantize(key, transform.kv_bits, transform.kv_symmetric)
-            value = fake_quantize(value, transform.kv_bits, transform.kv_symmetric)
+            key = fake_quant(key, transform.kv_bits, transform.kv_symmetric)
+            value = fake_quant(value, transform.kv_bits, transform.kv_symmetric)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -2,7 +2,7 @@
 
     fxquant quantize --model smollm2 [--recipe rotate-r1r2-w8a8] [--eval-windows N]
     fxquant inspect  --model smollm2|PATH|tiny-ARCH   # capture + analyse, print tables, dump graph
-    fxquant eval     --model smollm2|PATH             # perplexity on the default eval split
+    fxquant eval     --model smollm2|PATH|DIR [--recipe NAME]   # perplexity (before -> after a recipe)
 
 Errors from fxquant exit with status 2 and their message, never a traceback.
 """
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="smollm2, or a local HF dir or .gguf file")
     ev.add_argument("--windows", type=int, default=24, help="number of eval windows (default 24)")
     ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--recipe", default=None, help="quantize in memory with this preset or recipe file first, "
+                                                   "and print perplexity before -> after")
     ev.set_defaults(run=_eval)
     return parser
 
@@ -90,6 +92,12 @@ def _eval(args) -> int:
     ppl = perplexity(model, windows)
     print(f"eval split: last {args.windows} windows of {args.seq_len} tokens of pydoc_data.topics "
           f"({time.perf_counter() - start:.1f}s)")
+    if args.recipe:
+        from fxquant.api import apply_recipe
+
+        _print_result(apply_recipe(model, args.recipe, progress=True))
+        print(f"perplexity: {ppl:.4f} -> {perplexity(model, windows):.4f} ({args.recipe})")
+        return 0
     print(f"perplexity: {ppl:.4f}")
     return 0
 
@@ -104,8 +112,7 @@ def _quantize(args) -> int:
     model, tokenizer = load_model(args.model)
     print(f"model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - start:.1f} s")
     before = _quick_ppl(model, tokenizer, args.eval_windows)
-    result = apply_recipe(model, recipe)
-    print("\n".join(result.log))
+    _print_result(apply_recipe(model, recipe, progress=True))
     if before is not None:
         after = _quick_ppl(model, tokenizer, args.eval_windows)
         print(f"perplexity on the last {args.eval_windows} eval windows: {before:.3f} -> {after:.3f}")
@@ -117,6 +124,19 @@ def _quantize(args) -> int:
             tokenizer.save_pretrained(args.out)
         print(f"saved to {args.out} (fxquant eval --model {args.out})")
     return 0
+
+
+def _print_result(result, limit: int = 5) -> None:
+    """The recipe line, the table of passes, the timing line, then the first few things a pass
+    declined to do with its reason (the table only counts them)."""
+    from fxquant.report import result_table
+
+    print(f"{result.log[0]}\n\n{result_table(result)}\n\n{result.log[-1]}")
+    blocked = [(name, b) for name, res in result.results.items() for b in res.blocked]
+    for name, b in blocked[:limit]:
+        print(f"  {name} blocked: {b}")
+    if len(blocked) > limit:
+        print(f"  ... and {len(blocked) - limit} more blocked (fxquant.apply_recipe(...).results has them all)")
 
 
 def _fields(pairs: list[str]) -> dict:

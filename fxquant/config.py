@@ -85,10 +85,14 @@ class ActQuantConfig:
 
     bits: int = 8
     symmetric: bool = True
+    clip_ratio: float = 1.0  # < 1 clips each token's range before rounding
 
     def __post_init__(self):
         _one_of("ActQuantConfig", "bits", self.bits, (4, 8))
         _one_of("ActQuantConfig", "symmetric", self.symmetric, (True, False))
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
+                or not 0 < self.clip_ratio <= 1:
+            raise RecipeError(f"ActQuantConfig.clip_ratio = {self.clip_ratio!r} must be in (0, 1]")
 
 
 @dataclass(frozen=True)

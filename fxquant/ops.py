@@ -67,7 +67,8 @@ _TABLE: dict[object, OpClass] = {
 }
 
 
-_FXQUANT_OPS = {"fxquant::hadamard": OpClass.ONLINE}  # fxquant's own torch.library ops, by schema name
+# fxquant's own torch.library ops, by schema name; fake_quant keeps rows (tokens) apart but is not linear
+_FXQUANT_OPS = {"fxquant::hadamard": OpClass.ONLINE, "fxquant::fake_quant": OpClass.ELEMENTWISE}
 
 
 def classify(node: torch.fx.Node) -> OpClass:

@@ -31,7 +31,7 @@ def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResul
             blocked.append(Blocked(site.node, site.module, "linear runs inside a larger module: its input "
                                                             "cannot be quantized by a hook on the module"))
             continue
-        hook = ActivationFakeQuant(cfg.bits, cfg.symmetric)
+        hook = ActivationFakeQuant(cfg.bits, cfg.symmetric, float(cfg.clip_ratio))
         if installed.get(site.module) == hook:
             continue
         replaced = remove_activation_hooks(module)

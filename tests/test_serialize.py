@@ -38,7 +38,8 @@ def test_what_is_recorded_for_a_rotated_layernorm_model(tmp_path):
     meta = json.loads((tmp_path / "fxquant.json").read_text())
     assert meta["modules"]["model.decoder.final_layer_norm"] == {"type": "RMSNorm", "width": [64], "eps": 1e-05}
     assert meta["extra_parameters"] == {} or all(k.endswith("bias") for k in meta["extra_parameters"])
-    assert meta["hooks"]["model.decoder.layers.0.fc1"] == [{"type": "ActivationFakeQuant", "bits": 8, "symmetric": True}]
+    assert meta["hooks"]["model.decoder.layers.0.fc1"] == [{"type": "ActivationFakeQuant", "bits": 8, "symmetric": True,
+                                                                "clip_ratio": 1.0}]
 
 
 def test_loading_in_a_fresh_process_gives_the_same_logits(tmp_path):
@@ -69,3 +70,11 @@ def test_cli_quantize_out_writes_a_directory_that_loads(tmp_path, capsys):
     assert f"saved to {tmp_path}" in capsys.readouterr().out
     loaded = load(tmp_path)
     assert len([m for m in loaded.modules() if m._forward_pre_hooks]) == 14  # 14 act-quant (2 with R4 too)
+
+
+@pytest.mark.slow
+def test_cli_eval_with_a_recipe_prints_before_and_after(capsys):
+    from fxquant.cli import main
+
+    assert main(["eval", "--model", "smollm2", "--windows", "1", "--recipe", "quarot-w4a8"]) == 0
+    assert "(quarot-w4a8)" in capsys.readouterr().out.splitlines()[-1]

@@ -21,17 +21,31 @@ def input_is_hookable(module: torch.nn.Module, linears_in_module: int) -> bool:
     return isinstance(module, LINEAR_MODULES) and linears_in_module == 1
 
 
+@torch.library.custom_op("fxquant::fake_quant", mutates_args=())
+def fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Round x to its nearest `bits`-bit value, one scale per row of the last dim (per token, per
+    (token, head)); one named op for export and compile, whose numerics are fxquant.quant.numerics."""
+    out = torch.empty_like(x)
+    return out.copy_(fake_quantize(x, bits, symmetric, None, clip_ratio))
+
+
+@fake_quant.register_fake
+def _fake_quant_fake(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @dataclass(frozen=True)
 class ActivationFakeQuant:
-    """Forward pre-hook: x -> fake_quantize(x) over the last dim (per token), symmetric or not."""
+    """Forward pre-hook: x -> fxquant::fake_quant(x) over the last dim (per token), symmetric or not."""
 
     bits: int = 8
     symmetric: bool = True
+    clip_ratio: float = 1.0
 
     def __call__(self, module: torch.nn.Module, args: tuple):
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
             return None
-        return (fake_quantize(args[0], self.bits, self.symmetric), *args[1:])
+        return (fake_quant(args[0], self.bits, self.symmetric, self.clip_ratio), *args[1:])
 
 
 def activation_hooks(model: torch.nn.Module) -> dict[str, ActivationFakeQuant]:

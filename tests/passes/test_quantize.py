@@ -30,9 +30,9 @@ def test_w8a8_puts_weights_on_a_per_channel_grid_and_hooks_every_linear_but_lm_h
 
 def test_a_recapture_shows_the_activation_quant_ops_as_nodes():
     model = tiny_model("llama")
-    before = op_counts(capture(model).gm).get("aten.round.default", 0)
+    assert "fxquant.fake_quant.default" not in op_counts(capture(model).gm)
     quantize(model, "w8a8")
-    assert op_counts(capture(model).gm)["aten.round.default"] == before + 14
+    assert op_counts(capture(model).gm)["fxquant.fake_quant.default"] == 14
 
 
 def test_w4a16_groups_and_generate_still_works():
@@ -102,3 +102,14 @@ def test_clip_search_lowers_the_weight_error_of_rotated_int4():
         return sum(((p - ref[n]) ** 2).sum().item() for n, p in model.named_parameters())
 
     assert weight_error({"clip_search": True}) < 0.97 * weight_error({})
+
+
+def test_the_fake_quant_op_passes_opcheck_and_shows_as_one_node():
+    from fxquant.quant.fake import fake_quant
+
+    for x in (torch.randn(3, 64), torch.randn(1, 4, 6, 16).transpose(1, 2)):
+        torch.library.opcheck(fake_quant._opoverload, (x, 4, True, 0.9))
+    model = tiny_model("llama")
+    quantize(model, {"preset": "w16a4", "clip_ratio": 0.9})
+    assert op_counts(capture(model))["fxquant.fake_quant.default"] == 14
+    assert set(activation_hooks(model).values()) == {ActivationFakeQuant(4, True, 0.9)}
