@@ -41,8 +41,10 @@ def quantize(model: torch.nn.Module, recipe, calibration=None, *, verify: bool =
     return model
 
 
-def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollback: bool = True) -> PipelineResult:
-    """`quantize`, returning the PipelineResult (per-pass changes and the log) instead of the model."""
+def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollback: bool = True,
+                 progress: bool = False) -> PipelineResult:
+    """`quantize`, returning the PipelineResult (per-pass changes and the log) instead of the model;
+    `progress` shows a bar over the passes on stderr."""
     recipe = load_recipe(recipe)
     batches = calibration_batches(calibration)
     snapshot = _Snapshot(model) if rollback else None
@@ -51,7 +53,7 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollba
         cg = capture(model, None if is_causal_lm(model) or not batches else _first_row(batches[0]))
         cg.meta["calibration"] = batches
         pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if verify else None,
-                            rel_atol=tolerance(model), rtol=0.0, final_capture=False)
+                            rel_atol=tolerance(model), rtol=0.0, final_capture=False, progress=progress)
         result = pipeline.run(cg, facts=INITIAL_FACTS)
     except BaseException:
         if snapshot is not None:

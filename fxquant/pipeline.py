@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm.auto import tqdm
+
 from fxquant.capture import capture as capture_model
 from fxquant.errors import FxquantError, PassError, RecipeError
 from fxquant.ir import CapturedGraph
@@ -241,6 +243,7 @@ class Pipeline:
     dump_dir: str | os.PathLike | None = None
     log: logging.Logger | None = LOGGER
     final_capture: bool = True
+    progress: bool = False  # a tqdm bar over the steps (on stderr), for long runs on real models
 
     def __post_init__(self):
         steps = tuple(s if isinstance(s, Step) else Step(s) for s in self.steps)
@@ -263,7 +266,9 @@ class Pipeline:
             state.reference = model_outputs(cg.model, inputs)
             state.atol = self.atol if self.rel_atol is None else self.rel_atol * state.reference.abs().max().item()
         self._dump(state, 0, "input", "")
+        bar = tqdm(total=len(self.steps), desc="passes", unit="pass", disable=not self.progress, leave=False)
         for index, step in enumerate(self.steps, start=1):
+            bar.set_postfix_str(step.name)
             self._refresh(state)
             start, state.signature = time.perf_counter(), _signature(state.cg.gm.graph)
             with _blame(step.name, state.done):
@@ -273,6 +278,8 @@ class Pipeline:
             state.seconds[step.name] = time.perf_counter() - start
             self._settle(step, result, state)
             self._report(index, step, result, state)
+            bar.update()
+        bar.close()
         if self.final_capture:
             self._refresh(state)
         return PipelineResult(state.cg, state.structure, state.results, frozenset(state.facts), tuple(state.log),

@@ -34,6 +34,14 @@ def _fake_quant_fake(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: fl
     return torch.empty_like(x)
 
 
+def _fake_quant_backward(ctx, grad: torch.Tensor):
+    """Straight-through estimator: rounding passes the gradient unchanged (what QAT trains through)."""
+    return grad, None, None, None
+
+
+fake_quant.register_autograd(_fake_quant_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 @dataclass(frozen=True)
 class ActivationFakeQuant:
     """Forward pre-hook: x -> fxquant::fake_quant(x) over the last dim (per token), symmetric or not."""

@@ -113,3 +113,13 @@ def test_the_fake_quant_op_passes_opcheck_and_shows_as_one_node():
     quantize(model, {"preset": "w16a4", "clip_ratio": 0.9})
     assert op_counts(capture(model))["fxquant.fake_quant.default"] == 14
     assert set(activation_hooks(model).values()) == {ActivationFakeQuant(4, True, 0.9)}
+
+
+def test_fake_quant_passes_gradients_straight_through():
+    from fxquant.quant.fake import fake_quant
+
+    x = torch.randn(5, 32, requires_grad=True)
+    torch.library.opcheck(fake_quant._opoverload, (x, 4, False, 1.0))
+    weights = torch.randn(5, 32)
+    (fake_quant(x, 4, False) * weights).sum().backward()
+    assert torch.equal(x.grad, weights)  # rounding is the identity for the gradient (STE)
