@@ -52,6 +52,7 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollba
         start = time.perf_counter()
         cg = capture(model, None if is_causal_lm(model) or not batches else _first_row(batches[0]))
         cg.meta["calibration"] = batches
+        cg.meta["progress"] = progress
         pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if verify else None,
                             rel_atol=tolerance(model), rtol=0.0, final_capture=False, progress=progress)
         result = pipeline.run(cg, facts=INITIAL_FACTS)

@@ -27,6 +27,13 @@ def _int_in(owner: str, field: str, value, lo: int, hi: int) -> None:
         raise RecipeError(f"{owner}.{field} = {value!r} must be an integer in [{lo}, {hi}]")
 
 
+def _ratio(owner: str, field: str, value, lo_open: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (0 < value if lo_open else 0 <= value) \
+        and value <= 1
+    if not ok:
+        raise RecipeError(f"{owner}.{field} = {value!r} must be in {'(0' if lo_open else '[0'}, 1]")
+
+
 @dataclass(frozen=True)
 class NormFoldConfig:
     """fold_norms: the float precision the folding math runs in."""
@@ -90,9 +97,7 @@ class ActQuantConfig:
     def __post_init__(self):
         _one_of("ActQuantConfig", "bits", self.bits, (4, 8))
         _one_of("ActQuantConfig", "symmetric", self.symmetric, (True, False))
-        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
-                or not 0 < self.clip_ratio <= 1:
-            raise RecipeError(f"ActQuantConfig.clip_ratio = {self.clip_ratio!r} must be in (0, 1]")
+        _ratio("WeightQuantConfig", "clip_ratio", self.clip_ratio)
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,67 @@ class KVQuantConfig:
         _one_of("KVQuantConfig", "symmetric", self.symmetric, (True, False))
 
 
+@dataclass(frozen=True)
+class CLEConfig:
+    """Cross-layer equalization: the float precision the folding math runs in."""
+
+    precision: str = "float64"
+
+    def __post_init__(self):
+        _one_of("CLEConfig", "precision", self.precision, PRECISIONS)
+
+
+SCOPES = ("norms", "foldable", "all")  # which scale groups an equalization pass edits (see SmoothQuantConfig)
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """SmoothQuant: s = max|x|^alpha / max|W|^(1 - alpha) per input channel.
+
+    `scope`: "norms" (only inputs made by a norm: q/k/v, gate/up), "foldable" (also v->o and
+    up->down, where 1/s folds into a linear's rows) or "all" (also inputs no weight can absorb: an
+    explicit multiply is inserted before the linears).
+    """
+
+    alpha: float = 0.5
+    scope: str = "foldable"
+    precision: str = "float64"
+
+    def __post_init__(self):
+        _ratio("SmoothQuantConfig", "alpha", self.alpha, lo_open=False)
+        _one_of("SmoothQuantConfig", "scope", self.scope, SCOPES)
+        _one_of("SmoothQuantConfig", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ: the weight quantizer it protects against (bits, symmetric, group_size), the search grid
+    over alpha in [0, 1), `duo_scaling` (s = x^a / w^(1-a); False: s = x^a; "both": try each), the
+    scope (as SmoothQuantConfig), and for awq_clip the largest shrink of each group's range."""
+
+    bits: int = 4
+    symmetric: bool = False
+    group_size: int | None = 128
+    grid: int = 20
+    duo_scaling: bool | str = True
+    scope: str = "foldable"
+    max_shrink: float = 0.5
+    precision: str = "float64"
+
+    def __post_init__(self):
+        _one_of("AWQConfig", "bits", self.bits, (2, 3, 4, 8))
+        _one_of("AWQConfig", "symmetric", self.symmetric, (True, False))
+        if self.group_size is not None:
+            _int_in("AWQConfig", "group_size", self.group_size, 1, 2 ** 20)
+        _int_in("AWQConfig", "grid", self.grid, 1, 1000)
+        _one_of("AWQConfig", "duo_scaling", self.duo_scaling, (True, False, "both"))
+        _one_of("AWQConfig", "scope", self.scope, SCOPES)
+        _ratio("AWQConfig", "max_shrink", self.max_shrink, lo_open=False)
+        _one_of("AWQConfig", "precision", self.precision, PRECISIONS)
+
+
 CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, WeightQuantConfig, ActQuantConfig,
-                                              KVQuantConfig)}
+                                              KVQuantConfig, SmoothQuantConfig, AWQConfig, CLEConfig)}
 
 
 def config_fields(cls) -> tuple[str, ...]:

@@ -41,3 +41,38 @@ def online_hooks(model: torch.nn.Module) -> list[str]:
     """Paths of the modules that carry an online Hadamard on their input."""
     return [name for name, m in model.named_modules()
             if any(isinstance(h, OnlineHadamard) for h in m._forward_pre_hooks.values())]
+
+
+INPUT_SCALE = "fxquant_input_scale"  # the parameter an InputScale hook reads, saved with the weights
+
+
+@dataclass(frozen=True)
+class InputScale:
+    """Forward pre-hook: the layer's first input x -> x * module.fxquant_input_scale (per channel).
+
+    An equalization scale whose inverse no neighbouring weight can absorb (a GELU MLP, an online
+    Hadamard before the layer) runs as this explicit multiply, one `aten.mul` node in a re-capture.
+    """
+
+    def __call__(self, module: torch.nn.Module, args: tuple):
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return None
+        return (args[0] * getattr(module, INPUT_SCALE).to(args[0].dtype), *args[1:])
+
+
+def install_input_scale(module: torch.nn.Module, scale: torch.Tensor) -> None:
+    """Multiply `module`'s input by `scale` before anything else its pre-hooks do (composes with an
+    existing input scale: the two multiply)."""
+    existing = getattr(module, INPUT_SCALE, None)
+    if existing is not None:
+        existing.data = existing.data * scale.to(existing.dtype)
+        return
+    weight = next(module.parameters())
+    module.register_parameter(INPUT_SCALE, torch.nn.Parameter(scale.to(weight.dtype).clone(), requires_grad=False))
+    module.register_forward_pre_hook(InputScale(), prepend=True)
+
+
+def input_scale_hooks(model: torch.nn.Module) -> list[str]:
+    """Paths of the modules that carry an explicit input scale."""
+    return [name for name, m in model.named_modules()
+            if any(isinstance(h, InputScale) for h in m._forward_pre_hooks.values())]

@@ -35,12 +35,16 @@ _QUANT = {"w8a8": [_INT8_W, _INT8_A], "w4a8": [_INT4_W, _INT8_A], "w4a16": [_INT
 _R4 = [("insert_online_hadamard", {})]
 _QUAROT = _ROTATE + [("rotate_qk", {})] + _R4
 _INT4_W_CHANNEL = ("quantize_weights", {"bits": 4, "symmetric": True, "clip_search": True})  # per channel
+_AWQ = [("awq_scale", {}), ("awq_clip", {})]  # AWQConfig defaults: int4 asymmetric, groups of 128
 PRESETS: dict[str, list[tuple[str, dict]]] = {
     "rotate-r1r2": _ROTATE,  # norm fusion + R1 + R2, float: outputs unchanged
     "rotate-r1r2r4": _ROTATE + _R4,  # + an online Hadamard on each down_proj input, float
     "quarot-float": _QUAROT,  # R1..R4, no quantizer: for checking exactness
     "quarot-w4a4kv4": _QUAROT + [_INT4_W_CHANNEL, _INT4_A, ("quantize_kv_cache", {"bits": 4})],
     "quarot-w4a8": _QUAROT + [_INT4_W_CHANNEL, _INT8_A],
+    "awq-w4a16": _AWQ + [_INT4_W],  # AWQ scales + clip, then int4 asymmetric groups of 128
+    "quarot-awq-w4a16": _ROTATE + _AWQ + [_INT4_W],  # R1 + R2, then AWQ on the rotated model
+    "smoothquant-w8a8": [("smooth_quant", {}), _INT8_W, _INT8_A],  # alpha 0.5, then int8 weights and tokens
     **_QUANT,  # round-to-nearest fake-quant, no rotation
     **{f"rotate-r1r2-{name}": _ROTATE + steps for name, steps in _QUANT.items()},
     **{f"rotate-r1r2r4-{name}": _ROTATE + _R4 + steps for name, steps in _QUANT.items()},

@@ -6,7 +6,7 @@ next to the transformers config and replayed on a fresh model from that config:
 
 - module swaps (a LayerNorm that became a weightless RMSNorm), from an allow-list of types;
 - parameters the architecture does not have (a folded LayerNorm bias in lm_head);
-- forward pre-hooks on layers (online Hadamard, activation fake-quant), in order;
+- forward pre-hooks on layers (online Hadamard, activation fake-quant, explicit input scales), in order;
 - attention transforms (R3, KV-cache fake-quant).
 
 The weights are then loaded strictly (every key must match), so a loaded model computes exactly
@@ -24,13 +24,13 @@ from safetensors.torch import load_model, save_model
 
 from fxquant.attention import ATTR, install
 from fxquant.errors import ModelLoadError
-from fxquant.online import OnlineHadamard
+from fxquant.online import InputScale, OnlineHadamard
 from fxquant.quant.fake import ActivationFakeQuant
 from fxquant.weights import replace_module
 
 FORMAT = "fxquant-1"
 WEIGHTS, META = "model.safetensors", "fxquant.json"
-_HOOKS = {"OnlineHadamard": OnlineHadamard, "ActivationFakeQuant": ActivationFakeQuant}
+_HOOKS = {"OnlineHadamard": OnlineHadamard, "ActivationFakeQuant": ActivationFakeQuant, "InputScale": InputScale}
 
 
 def save(model: torch.nn.Module, directory, recipe=None) -> Path:

@@ -1,6 +1,6 @@
 """The only code that edits a model's parameters: rotations, scales, centring, untying, replacement.
 
-Entry points: `rotate_in`, `rotate_out`, `scale_in`, `shift_in`, `center_out`, `untie`, `assign`.
+Entry points: `rotate_in`, `rotate_out`, `scale_in`, `scale_out`, `shift_in`, `center_out`, `untie`, `assign`.
 The one idea: every linear weight is handled in one canonical layout, `[..., out, in]` (y = x W^T),
 whatever its storage (Conv1D and some MoE experts store `[in, out]`: `transposed=True`; an
 embedding table `[vocab, hidden]` is a transposed linear from one-hot ids). The math runs under
@@ -79,6 +79,20 @@ def scale_in(weight, scale, *, transposed=False, precision=DEFAULT_PRECISION) ->
     """The layer's input was multiplied by `scale` per channel, now it is not: W' = W diag(s)."""
     w = _canonical(weight, transposed)
     _write(w, w.to(precision) * scale.to(precision))
+
+
+@torch.no_grad()
+def scale_out(weight, bias, scale, *, transposed=False, rows: Span = None, precision=DEFAULT_PRECISION) -> None:
+    """Multiply the layer's output channels by `scale` (y' = y diag(s)): W' = diag(s) W, b' = b s.
+
+    `rows` restricts it to one span of output rows (the v rows of a fused qkv projection).
+    """
+    w = _canonical(weight, transposed)
+    part = w if rows is None else w[..., rows[0]:rows[1], :]
+    _write_canonical(weight, transposed, part, part.to(precision) * scale.to(precision)[:, None])
+    if bias is not None:
+        b = bias if rows is None else bias[..., rows[0]:rows[1]]
+        _write(b, b.to(precision) * scale.to(precision))
 
 
 @torch.no_grad()

@@ -5,7 +5,12 @@ configuration). Recipes name passes only through this table.
 """
 from __future__ import annotations
 
-from fxquant.config import ActQuantConfig, KVQuantConfig, NormFoldConfig, RotationConfig, WeightQuantConfig
+from fxquant.config import (
+    ActQuantConfig, AWQConfig, CLEConfig, KVQuantConfig, NormFoldConfig, RotationConfig, SmoothQuantConfig,
+    WeightQuantConfig,
+)
+from fxquant.passes.awq import awq_clip, awq_scale
+from fxquant.passes.equalize import cross_layer_equalize, smooth_quant
 from fxquant.passes.fold_norms import fold_norms, layernorms_to_rms
 from fxquant.passes.online_hadamard import insert_online_hadamard, quantize_kv_cache, rotate_qk
 from fxquant.passes.quantize_activations import quantize_activations
@@ -23,4 +28,8 @@ PASSES = {
     "quantize_weights": (quantize_weights, WeightQuantConfig),  # RTN fake-quant weights
     "quantize_activations": (quantize_activations, ActQuantConfig),  # per-token fake-quant inputs
     "quantize_kv_cache": (quantize_kv_cache, KVQuantConfig),  # k (after R3) and v per (token, head)
+    "smooth_quant": (smooth_quant, SmoothQuantConfig),  # s = max|x|^a / max|W|^(1-a), folded (calibrated)
+    "awq_scale": (awq_scale, AWQConfig),  # AWQ's searched scales, folded (calibrated)
+    "awq_clip": (awq_clip, AWQConfig),  # AWQ's weight-range clip search (calibrated, lossy)
+    "cross_layer_equalize": (cross_layer_equalize, CLEConfig),  # balance linear -> act -> linear ranges
 }

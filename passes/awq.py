@@ -1,0 +1,183 @@
+"""AWQ (Lin et al., 2024): activation-aware equalization scales searched on calibration data, and a
+search of each weight group's clipping range.
+
+- `awq_scale`, per scale group (q/k/v behind a norm, gate/up, v->o per KV head, up->down): try
+  s = mean|x|^a / mean|w|^(1-a) ("duo") or s = mean|x|^a for a on a grid in [0, 1), with the readers'
+  weights replaced by Q(W diag(s)) diag(s)^-1, the quantized weights the fold will leave. The loss is
+  the squared error of the *enclosing module's* output (the smallest module holding every reader:
+  self_attn for q/k/v, the MLP for gate/up, o_proj itself for v->o), against the float output on the
+  same recorded calls. The best s is folded like any equalization scale: float outputs unchanged.
+- `awq_clip`, per quantized linear but q and k (their errors meet in q.k^T, not at their outputs):
+  per output row and input group, the shrink of max|W| in [1 - max_shrink, 1] whose quantized group
+  best reproduces the group's partial output on sampled calibration tokens; the weight is clamped
+  there (lossy on purpose: the range the quantizer then sees).
+
+Both sweep the model block by block (`fxquant.calibrate`), so one block's activations are in memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxquant.analysis.dataflow import linear_sites
+from fxquant.analysis.structure import Blocked
+from fxquant.calibrate import main_tensor, observe
+from fxquant.config import AWQConfig
+from fxquant.passes.equalize import (
+    column_scale, fold_scale, observer, reduce_columns, require_calibration, select_groups, sweep,
+)
+from fxquant.pipeline import Change, PassResult, fxpass
+from fxquant.quant.numerics import fake_quantize
+from fxquant.weights import assign
+
+CLIP_TOKENS = 512  # calibration tokens the clip search measures each linear on (evenly spaced)
+_PRECISION = {"float64": torch.float64, "float32": torch.float32}
+
+
+def enclosing(group) -> str:
+    """The smallest module holding every reader of the group (its output is what AWQ compares)."""
+    parts = [r.module.split(".") for r in group.readers]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _canonical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return w.transpose(-1, -2) if transposed else w
+
+
+def weight_mean(cg, group, group_size: int | None) -> torch.Tensor:
+    """AWQ's weight salience: |W| over the max of its quantization group, averaged over all rows."""
+    total, rows = 0, 0
+    for r in group.readers:
+        w = _canonical(cg.param(r.weight).detach(), r.transposed).float()
+        w = w.reshape(-1, w.shape[-1])
+        g = group_size or w.shape[-1]
+        grouped = w.abs().reshape(w.shape[0], -1, g)
+        normed = (grouped / grouped.amax(-1, keepdim=True).clamp_min(1e-8)).reshape(w.shape)
+        total, rows = total + normed.sum(0), rows + w.shape[0]
+    return reduce_columns((total / rows).double(), group, "mean")
+
+
+def _candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, cfg: AWQConfig):
+    """(description, s) for every point of the grid, normalised so that max(s) * min(s) = 1."""
+    modes = (True, False) if cfg.duo_scaling == "both" else (cfg.duo_scaling,)
+    for duo in modes:
+        for i in range(cfg.grid):
+            a = i / cfg.grid
+            s = x_mean.pow(a) / w_mean.clamp_min(1e-8).pow(1 - a) if duo else x_mean.pow(a)
+            s = s.clamp_min(1e-4)
+            yield f"alpha {a:.2f}{' duo' if duo else ''}", s / (s.max() * s.min()).sqrt()
+
+
+@torch.no_grad()
+def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
+    """The grid point whose quantized readers best reproduce the enclosing module's float output."""
+    module = cg.model.get_submodule(enclosing(group))
+    params = list({id(p): (p, r.transposed) for r in group.readers for p in [cg.param(r.weight)]}.values())
+    originals = [p.data for p, _ in params]
+    reference = [main_tensor(out).float() for _, out in calls]
+    w_mean = weight_mean(cg, group, cfg.group_size)
+    best = (float("inf"), None, "")
+    try:
+        for how, s in _candidates(x_mean.double(), w_mean, cfg):
+            cols = column_scale(s, group).float()
+            for (p, transposed), w in zip(params, originals):
+                q = fake_quantize(_canonical(w, transposed).float() * cols, cfg.bits, cfg.symmetric, cfg.group_size)
+                p.data = _canonical(q / cols, transposed).to(w.dtype).contiguous()
+            loss = sum(float(((main_tensor(call.run(module)).float() - ref) ** 2).sum())
+                       for (call, _), ref in zip(calls, reference))
+            if loss < best[0]:
+                best = (loss, s, how)
+    finally:
+        for (p, _), w in zip(params, originals):
+            p.data = w
+    return best[1], best[2]
+
+
+@fxpass(requires={"weights_float"}, provides={"equalized"}, invalidates={"graph"}, check=require_calibration)
+def awq_scale(cg, structure, cfg: AWQConfig | None) -> PassResult:
+    """AWQ's scale search, folded like any equalization scale (float outputs unchanged)."""
+    cfg = cfg or AWQConfig()
+    groups, blocked = select_groups(cg, structure, cfg.scope)
+    changes = []
+    for block, here in sweep(cg, groups):
+        stats, _, calls = observe(block, stats_of={observer(cg, g) for g in here},
+                                  calls_of={enclosing(g) for g in here})
+        found = [(g, *search_scale(cg, g, reduce_columns(stats[observer(cg, g)].abs_mean.double(), g, "mean"),
+                                   calls[enclosing(g)], cfg)) for g in here]
+        for g, s, how in found:  # every search saw the float block: fold only after all of them
+            change = fold_scale(cg, g, s, _PRECISION[cfg.precision])
+            changes.append(Change(change.kind, change.target, f"{change.detail}; {how}"))
+    return PassResult(tuple(changes), tuple(blocked))
+
+
+def query_key_nodes(structure) -> set[str]:
+    """Linears that make queries or keys: the other readers of the norm that feeds a v projection,
+    and a fused qkv projection (whose rows are not all v)."""
+    v_rows = {c.v.node: sum(h.v_rows[1] - h.v_rows[0] for h in c.heads) for c in structure.vo_chains}
+    out = set()
+    for g in structure.stream.groups:
+        if any(r.node in v_rows for r in g.readers):
+            out |= {r.node for r in g.readers if r.node not in v_rows or v_rows[r.node] != r.out_features}
+    return out
+
+
+@torch.no_grad()
+def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
+    """Per (output row, input group) of w [out, in], the clip max in max|W| * (1 - i/grid) whose
+    quantized group best reproduces x @ W_group^T on tokens x [n, in]; shaped [out, groups, 1]."""
+    out_f, in_f = w.shape
+    g = cfg.group_size or in_f
+    wg, xg = w.float().reshape(out_f, -1, g), x.float().reshape(x.shape[0], -1, g)
+    reference = torch.einsum("ngk,ogk->nog", xg, wg)
+    amax = wg.abs().amax(-1, keepdim=True)
+    best, best_err = amax.clone(), torch.full(amax.shape[:2], float("inf"))
+    for i in range(int(cfg.max_shrink * cfg.grid) + 1):
+        limit = amax * (1 - i / cfg.grid)
+        q = fake_quantize(torch.clamp(wg, -limit, limit).reshape(out_f, in_f), cfg.bits, cfg.symmetric,
+                          cfg.group_size).reshape(wg.shape)
+        err = ((torch.einsum("ngk,ogk->nog", xg, q) - reference) ** 2).mean(0)
+        better = err < best_err
+        best, best_err = torch.where(better[..., None], limit, best), torch.where(better, err, best_err)
+    return best
+
+
+@fxpass(requires={"weights_float"}, provides={"weights_clipped"}, invalidates={"outputs"},
+        check=require_calibration)
+def awq_clip(cg, structure, cfg: AWQConfig | None) -> PassResult:
+    """Clamp each quantized weight group to the range AWQ's clip search finds (not q and k)."""
+    cfg = cfg or AWQConfig()
+    qk, changes, blocked, targets = query_key_nodes(structure), [], [], []
+    for site, is_output in linear_sites(cg):
+        if is_output or site.node in qk:
+            continue
+        group = _SiteGroup(site)
+        if observer(cg, group) is None or observer(cg, group)[1] != "in":
+            blocked.append(Blocked(site.node, site.module, "its module's input is not the linear's input"))
+        else:
+            targets.append(group)
+    for block, here in sweep(cg, targets):
+        _, inputs, _ = observe(block, inputs_of={g.readers[0].module for g in here})
+        for g in here:
+            site = g.readers[0]
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[site.module]])
+            x = x[torch.linspace(0, len(x) - 1, min(len(x), CLIP_TOKENS)).long()]
+            weight = cg.param(site.weight)
+            w = _canonical(weight.detach(), site.transposed)
+            limit = clip_ranges(w, x, cfg)
+            clipped = torch.clamp(w.float().reshape(limit.shape[0], limit.shape[1], -1), -limit, limit)
+            assign(weight, _canonical(clipped.reshape(w.shape), site.transposed))
+            shrunk = float((limit < w.float().abs().reshape(limit.shape[0], limit.shape[1], -1).amax(-1, True)).float()
+                           .mean())
+            changes.append(Change("clipped", site.module, f"{shrunk:.0%} of groups' ranges shrunk"))
+    return PassResult(tuple(changes), tuple(blocked))
+
+
+class _SiteGroup:
+    """One linear as a group of one reader, for the block sweep."""
+
+    def __init__(self, site):
+        self.readers = (site,)
