@@ -148,7 +148,9 @@ class SmoothQuantConfig:
 class AWQConfig:
     """AWQ: the weight quantizer it protects against (bits, symmetric, group_size), the search grid
     over alpha in [0, 1), `duo_scaling` (s = x^a / w^(1-a); False: s = x^a; "both": try each), the
-    scope (as SmoothQuantConfig), and for awq_clip the largest shrink of each group's range."""
+    scope (as SmoothQuantConfig), `search_tokens` (the calibration tokens each grid point's loss runs
+    on: the first whole sequences holding that many; the statistics use all of them), and for awq_clip
+    the largest shrink of each group's range."""
 
     bits: int = 4
     symmetric: bool = False
@@ -157,6 +159,7 @@ class AWQConfig:
     duo_scaling: bool | str = True
     scope: str = "foldable"
     max_shrink: float = 0.5
+    search_tokens: int = 4096
     precision: str = "float64"
 
     def __post_init__(self):
@@ -168,6 +171,7 @@ class AWQConfig:
         _one_of("AWQConfig", "duo_scaling", self.duo_scaling, (True, False, "both"))
         _one_of("AWQConfig", "scope", self.scope, SCOPES)
         _ratio("AWQConfig", "max_shrink", self.max_shrink, lo_open=False)
+        _int_in("AWQConfig", "search_tokens", self.search_tokens, 1, 2 ** 40)
         _one_of("AWQConfig", "precision", self.precision, PRECISIONS)
 
 

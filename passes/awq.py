@@ -72,12 +72,26 @@ def _candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, cfg: AWQConfig):
             yield f"alpha {a:.2f}{' duo' if duo else ''}", s / (s.max() * s.min()).sqrt()
 
 
+def _first_tokens(calls, budget: int):
+    """The first recorded calls holding at least `budget` tokens (whole calls: attention needs whole
+    sequences). The loss of every grid point runs the enclosing module on these."""
+    out, seen = [], 0
+    for call, output in calls:
+        if seen >= budget:
+            break
+        first = next(t for t in (*call.args, *call.kwargs.values()) if isinstance(t, torch.Tensor))
+        out.append((call, output))
+        seen += first.numel() // first.shape[-1]
+    return out
+
+
 @torch.no_grad()
 def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
     """The grid point whose quantized readers best reproduce the enclosing module's float output."""
     module = cg.model.get_submodule(enclosing(group))
     params = list({id(p): (p, r.transposed) for r in group.readers for p in [cg.param(r.weight)]}.values())
     originals = [p.data for p, _ in params]
+    calls = _first_tokens(calls, cfg.search_tokens)
     reference = [main_tensor(out).float() for _, out in calls]
     w_mean = weight_mean(cg, group, cfg.group_size)
     best = (float("inf"), None, "")
@@ -131,15 +145,20 @@ def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
     quantized group best reproduces x @ W_group^T on tokens x [n, in]; shaped [out, groups, 1]."""
     out_f, in_f = w.shape
     g = cfg.group_size or in_f
-    wg, xg = w.float().reshape(out_f, -1, g), x.float().reshape(x.shape[0], -1, g)
-    reference = torch.einsum("ngk,ogk->nog", xg, wg)
+    wg = w.float().reshape(out_f, -1, g)
+    xg = x.float().reshape(x.shape[0], -1, g).transpose(0, 1)  # [groups, n, g]: one matmul per group
+
+    def partial(weights):  # [out, groups, g] -> the group's partial outputs [groups, n, out]
+        return torch.bmm(xg, weights.permute(1, 2, 0))
+
+    reference = partial(wg)
     amax = wg.abs().amax(-1, keepdim=True)
     best, best_err = amax.clone(), torch.full(amax.shape[:2], float("inf"))
     for i in range(int(cfg.max_shrink * cfg.grid) + 1):
         limit = amax * (1 - i / cfg.grid)
         q = fake_quantize(torch.clamp(wg, -limit, limit).reshape(out_f, in_f), cfg.bits, cfg.symmetric,
                           cfg.group_size).reshape(wg.shape)
-        err = ((torch.einsum("ngk,ogk->nog", xg, q) - reference) ** 2).mean(0)
+        err = ((partial(q) - reference) ** 2).mean(1).transpose(0, 1)  # [out, groups]
         better = err < best_err
         best, best_err = torch.where(better[..., None], limit, best), torch.where(better, err, best_err)
     return best
