@@ -39,6 +39,7 @@ class Block:
     path: str
     module: torch.nn.Module
     calls: list[Call]
+    outputs: list | None = None  # set by observe(keep_outputs=True): the next block's inputs, no re-run
 
 
 def decoder_blocks(model: torch.nn.Module, paths) -> list[str]:
@@ -90,8 +91,10 @@ def block_sweep(model: torch.nn.Module, batches: list[dict], blocks: list[str],
     for index, path in enumerate(bar):
         module = model.get_submodule(path)
         here = [Call((hidden, *args), kwargs) for hidden, (args, kwargs) in zip(calls[0], calls[1][index])]
-        yield Block(path, module, here)
-        calls = ([_hidden(call.run(module), path) for call in here], calls[1])
+        block = Block(path, module, here)
+        yield block
+        outputs = block.outputs if block.outputs is not None else [call.run(module) for call in here]
+        calls = ([_hidden(out, path) for out in outputs], calls[1])
     bar.close()
 
 
@@ -181,11 +184,12 @@ def _hooks(model, paths, fn):
 
 
 @torch.no_grad()
-def observe(block: Block, stats_of=(), inputs_of=(), calls_of=()):
+def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: bool = False):
     """Run `block` on its calls once and observe modules by path: per-channel stats (`stats_of`:
     (path, "in") for a module's first input, (path, "out") for its output), first inputs
     themselves (`inputs_of`, a list per path) and whole calls with outputs (`calls_of`, a list of
-    (Call, output) per path)."""
+    (Call, output) per path). `keep_outputs`: the caller's edits will not change what the block
+    computes (an exact fold), so these outputs become the next block's inputs without a re-run."""
     stats, inputs, calls = {}, {p: [] for p in inputs_of}, {p: [] for p in calls_of}
     stats_of = set(stats_of)
 
@@ -204,11 +208,12 @@ def observe(block: Block, stats_of=(), inputs_of=(), calls_of=()):
     paths = {p for p, _ in stats_of} | set(inputs_of) | set(calls_of)
     handles = _hooks(block.module, _relative(block.path, paths), lambda p, *a: seen(_absolute(block.path, p), *a))
     try:
-        for call in block.calls:
-            call.run(block.module)
+        outputs = [call.run(block.module) for call in block.calls]
     finally:
         for h in handles:
             h.remove()
+    if keep_outputs:
+        block.outputs = outputs
     return stats, inputs, calls
 
 

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a field in every pass that has it, e.g. --set group_size=64 --set seed=3")
     q.add_argument("--eval-windows", type=int, default=0,
                    help="also measure perplexity before and after on this many eval windows (0: skip)")
+    q.add_argument("--calibration", type=int, default=32, metavar="N",
+                   help="calibrated passes (AWQ, SmoothQuant) see the first N windows of 512 tokens of the default "
+                        "text, never the eval windows (default 32)")
     q.add_argument("--out", default=None, help="save the result here (fxquant.save: safetensors + JSON, "
                                                "plus the tokenizer); `fxquant eval --model DIR` loads it")
     q.set_defaults(run=_quantize)
@@ -50,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument("--recipe", default=None, help="quantize in memory with this preset or recipe file first, "
                                                    "and print perplexity before -> after")
+    ev.add_argument("--calibration", type=int, default=32, metavar="N",
+                    help="with --recipe: calibration windows for calibrated passes (default 32)")
     ev.set_defaults(run=_eval)
     return parser
 
@@ -95,7 +100,8 @@ def _eval(args) -> int:
     if args.recipe:
         from fxquant.api import apply_recipe
 
-        _print_result(apply_recipe(model, args.recipe, progress=True))
+        calibration = _calibration(tokenizer, args.calibration)
+        _print_result(apply_recipe(model, args.recipe, calibration, progress=True))
         print(f"perplexity: {ppl:.4f} -> {perplexity(model, windows):.4f} ({args.recipe})")
         return 0
     print(f"perplexity: {ppl:.4f}")
@@ -112,7 +118,7 @@ def _quantize(args) -> int:
     model, tokenizer = load_model(args.model)
     print(f"model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - start:.1f} s")
     before = _quick_ppl(model, tokenizer, args.eval_windows)
-    _print_result(apply_recipe(model, recipe, progress=True))
+    _print_result(apply_recipe(model, recipe, _calibration(tokenizer, args.calibration), progress=True))
     if before is not None:
         after = _quick_ppl(model, tokenizer, args.eval_windows)
         print(f"perplexity on the last {args.eval_windows} eval windows: {before:.3f} -> {after:.3f}")
@@ -158,6 +164,15 @@ def _fields(pairs: list[str]) -> dict:
         except tomllib.TOMLDecodeError:
             out[key] = value  # a bare word: a string
     return out
+
+
+def _calibration(tokenizer, n: int):
+    """The first `n` windows of the default text, one batch each (None without a tokenizer or n = 0)."""
+    if tokenizer is None or n <= 0:
+        return None
+    from fxquant.eval import calibration_windows, default_tokens
+
+    return [w[None] for w in calibration_windows(default_tokens(tokenizer), n)]
 
 
 def _quick_ppl(model, tokenizer, n: int):

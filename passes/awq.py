@@ -119,7 +119,7 @@ def awq_scale(cg, structure, cfg: AWQConfig | None) -> PassResult:
     changes = []
     for block, here in sweep(cg, groups):
         stats, _, calls = observe(block, stats_of={observer(cg, g) for g in here},
-                                  calls_of={enclosing(g) for g in here})
+                                  calls_of={enclosing(g) for g in here}, keep_outputs=True)
         found = [(g, *search_scale(cg, g, reduce_columns(stats[observer(cg, g)].abs_mean.double(), g, "mean"),
                                    calls[enclosing(g)], cfg)) for g in here]
         for g, s, how in found:  # every search saw the float block: fold only after all of them

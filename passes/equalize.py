@@ -171,7 +171,7 @@ def smooth_quant(cg, structure, cfg: SmoothQuantConfig | None) -> PassResult:
     groups, blocked = select_groups(cg, structure, cfg.scope)
     changes = []
     for block, here in sweep(cg, groups):
-        stats, _, _ = observe(block, stats_of={observer(cg, g) for g in here})
+        stats, _, _ = observe(block, stats_of={observer(cg, g) for g in here}, keep_outputs=True)
         for g in here:
             x_max = reduce_columns(stats[observer(cg, g)].abs_max.double(), g)
             changes.append(fold_scale(cg, g, smooth_scale(x_max, weight_abs_max(cg, g), cfg.alpha),
