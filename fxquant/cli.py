@@ -100,7 +100,7 @@ def _eval(args) -> int:
     if args.recipe:
         from fxquant.api import apply_recipe
 
-        calibration = _calibration(tokenizer, args.calibration)
+        calibration = _calibration(tokenizer, args.calibration, args.model, model)
         _print_result(apply_recipe(model, args.recipe, calibration, progress=True))
         print(f"perplexity: {ppl:.4f} -> {perplexity(model, windows):.4f} ({args.recipe})")
         return 0
@@ -118,7 +118,7 @@ def _quantize(args) -> int:
     model, tokenizer = load_model(args.model)
     print(f"model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - start:.1f} s")
     before = _quick_ppl(model, tokenizer, args.eval_windows)
-    _print_result(apply_recipe(model, recipe, _calibration(tokenizer, args.calibration), progress=True))
+    _print_result(apply_recipe(model, recipe, _calibration(tokenizer, args.calibration, args.model, model), progress=True))
     if before is not None:
         after = _quick_ppl(model, tokenizer, args.eval_windows)
         print(f"perplexity on the last {args.eval_windows} eval windows: {before:.3f} -> {after:.3f}")
@@ -166,10 +166,19 @@ def _fields(pairs: list[str]) -> dict:
     return out
 
 
-def _calibration(tokenizer, n: int):
-    """The first `n` windows of the default text, one batch each (None without a tokenizer or n = 0)."""
-    if tokenizer is None or n <= 0:
+def _calibration(tokenizer, n: int, spec: str, model):
+    """The first `n` windows of the default text, one batch each. A tiny random model has no
+    tokenizer: it gets `n` seeded random windows of 64 ids (a demo, not a calibration)."""
+    import torch
+
+    if n <= 0:
         return None
+    if tokenizer is None:
+        if not spec.startswith("tiny-"):
+            return None
+        print(f"calibration: {n} random windows of 64 ids (a tiny random model has no tokenizer)")
+        ids = torch.randint(0, model.config.vocab_size, (n, 64), generator=torch.Generator().manual_seed(0))
+        return [w[None] for w in ids]
     from fxquant.eval import calibration_windows, default_tokens
 
     return [w[None] for w in calibration_windows(default_tokens(tokenizer), n)]
