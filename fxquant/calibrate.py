@@ -184,14 +184,16 @@ def _hooks(model, paths, fn):
 
 
 @torch.no_grad()
-def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: bool = False):
+def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: bool = False, each_input=None):
     """Run `block` on its calls once and observe modules by path: per-channel stats (`stats_of`:
     (path, "in") for a module's first input, (path, "out") for its output), first inputs
     themselves (`inputs_of`, a list per path) and whole calls with outputs (`calls_of`, a list of
-    (Call, output) per path). `keep_outputs`: the caller's edits will not change what the block
-    computes (an exact fold), so these outputs become the next block's inputs without a re-run."""
+    (Call, output) per path). `each_input` maps a path to a function called with each first input
+    (a running statistic that must not hold every input, GPTQ's Hessian). `keep_outputs`: the
+    caller's edits will not change what the block computes (an exact fold), so these outputs become
+    the next block's inputs without a re-run."""
     stats, inputs, calls = {}, {p: [] for p in inputs_of}, {p: [] for p in calls_of}
-    stats_of = set(stats_of)
+    stats_of, each_input = set(stats_of), dict(each_input or {})
 
     def seen(path, args, kwargs, out):
         x = args[0] if args else next(iter(kwargs.values()))
@@ -202,10 +204,12 @@ def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: 
                 stats[key].add(t)
         if path in inputs:
             inputs[path].append(x.detach())
+        if path in each_input:
+            each_input[path](x.detach())
         if path in calls:
             calls[path].append((Call(args, kwargs), out))
 
-    paths = {p for p, _ in stats_of} | set(inputs_of) | set(calls_of)
+    paths = {p for p, _ in stats_of} | set(inputs_of) | set(calls_of) | set(each_input)
     handles = _hooks(block.module, _relative(block.path, paths), lambda p, *a: seen(_absolute(block.path, p), *a))
     try:
         outputs = [call.run(block.module) for call in block.calls]

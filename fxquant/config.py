@@ -113,6 +113,32 @@ class KVQuantConfig:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ: the target weight quantizer (as WeightQuantConfig: bits, symmetric, group_size,
+    clip_ratio, clip_search) and the solver's dampening (fraction of mean diag H), block size of
+    lazy updates and act_order (channels by decreasing diag H)."""
+
+    bits: int = 4
+    symmetric: bool = False
+    group_size: int | None = 128
+    clip_ratio: float = 1.0
+    clip_search: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def __post_init__(self):
+        try:
+            WeightQuantConfig(self.bits, self.symmetric, self.group_size, self.clip_ratio, self.clip_search)
+        except RecipeError as exc:
+            raise RecipeError(str(exc).replace("WeightQuantConfig", "GPTQConfig")) from None
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise RecipeError(f"GPTQConfig.damp = {self.damp!r} must be in (0, 1)")
+        _int_in("GPTQConfig", "block_size", self.block_size, 1, 2 ** 20)
+        _one_of("GPTQConfig", "act_order", self.act_order, (True, False))
+
+
+@dataclass(frozen=True)
 class CLEConfig:
     """Cross-layer equalization: the float precision the folding math runs in."""
 
@@ -176,7 +202,7 @@ class AWQConfig:
 
 
 CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, WeightQuantConfig, ActQuantConfig,
-                                              KVQuantConfig, SmoothQuantConfig, AWQConfig, CLEConfig)}
+                                              KVQuantConfig, SmoothQuantConfig, AWQConfig, CLEConfig, GPTQConfig)}
 
 
 def config_fields(cls) -> tuple[str, ...]:

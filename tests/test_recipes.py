@@ -16,7 +16,7 @@ from fxquant.recipes import load_recipe
 def test_presets_are_the_documented_ones():
     quant = {"w8a8", "w4a8", "w4a16", "w16a4", "w4a4"}
     assert set(PRESETS) == {"rotate-r1r2", "rotate-r1r2r4", "quarot-float", "quarot-w4a4kv4", "quarot-w4a8", *quant, *(f"rotate-r1r2-{q}" for q in quant),
-                            *(f"rotate-r1r2r4-{q}" for q in quant), "awq-w4a16", "quarot-awq-w4a16", "smoothquant-w8a8"}
+                            *(f"rotate-r1r2r4-{q}" for q in quant), "awq-w4a16", "quarot-awq-w4a16", "smoothquant-w8a8", "gptq-w4a16", "quarot-gptq-w4a4kv4"}
     assert [k for k, _ in load_recipe("rotate-r1r2r4-w16a4").steps][-2:] == ["insert_online_hadamard",
                                                                              "quantize_activations"]
     r = load_recipe("rotate-r1r2")

@@ -1,6 +1,7 @@
 """Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
 
-Entry points: `qrange`, `quantize`, `dequantize`, `fake_quantize`, `fake_quantize_clip_search`. The one idea: scales are computed
+Entry points: `qrange`, `qparams` (+ `qparams_clip_search`), `quantize`, `dequantize`, `fake_quantize`,
+`fake_quantize_clip_search`, `round_column` (GPTQ's per-channel step). The one idea: scales are computed
 over the last dimension, whole (per output channel of a `[out, in]` weight, per token of an
 activation) or in groups of `group_size` consecutive entries; symmetric ranges are
 [-2^(b-1), 2^(b-1)-1] with scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer
@@ -75,6 +76,23 @@ def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int |
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
 
 
+def qparams_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+                        grid=CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """qparams with, per group, the clip ratio from `grid` whose rounding has the least squared error."""
+    best = None
+    for ratio in grid:
+        scale, zero = qparams(x, bits, symmetric, group_size, ratio)
+        xq = dequantize(quantize(x, scale, zero, bits, symmetric, group_size), scale, zero, group_size)
+        err = _grouped((xq - x.float()) ** 2, group_size).sum(dim=-1, keepdim=True)
+        if best is None:
+            best = [err, scale, zero]
+            continue
+        better = err < best[0]
+        best = [torch.minimum(err, best[0]), torch.where(better, scale, best[1]),
+                None if zero is None else torch.where(better, zero, best[2])]
+    return best[1], best[2]
+
+
 def fake_quantize_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
                               grid=CLIP_GRID) -> torch.Tensor:
     """fake_quantize with, per group, the clip ratio from `grid` that minimises the squared error.
@@ -82,14 +100,17 @@ def fake_quantize_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group
     Shrinking the range clips a few outliers but rounds everything else on a finer grid; for
     Gaussian-like (rotated) weights at 4 bits the best ratio is often well below 1.
     """
-    best = best_err = None
-    for ratio in grid:
-        xq = fake_quantize(x, bits, symmetric, group_size, ratio)
-        err = _grouped((xq.float() - x.float()) ** 2, group_size).sum(dim=-1, keepdim=True)
-        if best is None:
-            best, best_err = xq, err
-            continue
-        better = err < best_err
-        best = torch.where(better.expand(_grouped(x, group_size).shape).reshape(x.shape), xq, best)
-        best_err = torch.minimum(err, best_err)
-    return best
+    scale, zero = qparams_clip_search(x, bits, symmetric, group_size, grid)
+    return dequantize(quantize(x, scale, zero, bits, symmetric, group_size), scale, zero, group_size, x.dtype)
+
+
+def round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 symmetric: bool) -> torch.Tensor:
+    """One column [out] of a weight rounded with per-row `scale` / `zero` [out]: what GPTQ does one
+    input channel at a time, with the same numerics as `fake_quantize`."""
+    qmin, qmax = qrange(bits, symmetric)
+    q = torch.round(w / scale)
+    if zero is not None:
+        q = q + zero
+    q = q.clamp(qmin, qmax)
+    return ((q - zero) if zero is not None else q) * scale

@@ -1,0 +1,81 @@
+"""GPTQ (Frantar et al., 2023): round a weight one input channel at a time, and push each channel's
+rounding error onto the channels not yet rounded, weighted by the inverse Hessian of the layer's
+inputs, so the layer's *output* error on calibration data is what gets minimised.
+
+Entry point: `gptq_quantize(weight, hessian, cfg)` -> the quantized weight (dequantized values, in
+the numerics of `fxquant.quant.numerics`, so it is exactly what `fake_quantize` would give with the
+same scales). Pure tensor math: the Hessian comes from the caller (`passes/gptq.py`).
+
+The steps: dead input channels (never active) are zeroed; the Hessian is dampened by
+`damp * mean(diag H)`; optionally channels are processed by decreasing diag H (`act_order`); the
+upper Cholesky factor of H^-1 drives the updates; columns are handled in blocks of `block_size`
+whose updates to later columns are applied once per block (lazy batch updates). Scales: per output
+channel they are computed once from the whole weight (with the clip search when asked); in groups
+they are computed when a group starts, from the already-updated weights of that group (with
+act_order, all groups' scales are computed up front from the original weight).
+"""
+from __future__ import annotations
+
+import torch
+
+from fxquant.quant.numerics import qparams, qparams_clip_search, round_column
+
+
+def hessian_update(hessian: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running H = 2/n * sum x^T x over every token of x [..., in]; returns (H, n)."""
+    x = x.detach().reshape(-1, x.shape[-1]).double()
+    n = x.shape[0]
+    h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64) if hessian is None else hessian
+    total = count + n
+    h = h * (count / total) + (x.T @ x) * (2.0 / total)
+    return h, total
+
+
+def _params(w, bits, symmetric, group_size, clip_ratio, clip_search):
+    if clip_search:
+        return qparams_clip_search(w, bits, symmetric, group_size)
+    return qparams(w, bits, symmetric, group_size, clip_ratio)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool,
+                  group_size: int | None = None, clip_ratio: float = 1.0, clip_search: bool = False,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> torch.Tensor:
+    """GPTQ-quantize `weight` [out, in] given the input Hessian [in, in]; returns dequantized values."""
+    w = weight.detach().float().clone()
+    out_f, in_f = w.shape
+    if group_size is not None and in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
+    h = hessian.detach().double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    static = None
+    if group_size is None or act_order:  # every scale fixed up front, from the original weight
+        scale, zero = _params(w, bits, symmetric, group_size, clip_ratio, clip_search)
+        static = (scale[..., 0], None if zero is None else zero[..., 0])  # [out, groups]
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    step = block_size if group_size is None else max(group_size, block_size // group_size * group_size)
+    q = torch.zeros_like(w)
+    scale = zero = None
+    for start in range(0, in_f, step):
+        end = min(start + step, in_f)
+        w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out_f, end - start), hinv[start:end, start:end]
+        for i in range(end - start):
+            column = int(order[start + i])
+            if static is not None:
+                g = 0 if group_size is None else column // group_size
+                scale, zero = static[0][:, g], None if static[1] is None else static[1][:, g]
+            elif column % group_size == 0:  # a group starts: its scales from its updated weights
+                s, z = _params(w1[:, i:i + group_size], bits, symmetric, None, clip_ratio, clip_search)
+                scale, zero = s[:, 0, 0], None if z is None else z[:, 0, 0]
+            qcol = round_column(w1[:, i], scale, zero, bits, symmetric)
+            q[:, start + i] = qcol
+            err = (w1[:, i] - qcol) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+    return q[:, torch.argsort(order)].to(weight.dtype)

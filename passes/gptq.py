@@ -1,0 +1,86 @@
+"""GPTQ weight quantization over calibration data, block by block (the solver is fxquant.quant.gptq).
+
+For each decoder block: run it on its calibration inputs with hooks that accumulate each quantized
+linear's input Hessian (H = 2/n X^T X, never holding X), quantize every linear of the block with
+GPTQ in the target quantizer's numerics, then run the quantized block to make the next block's
+inputs (so later blocks see, and compensate, the error of earlier ones). Online Hadamards already
+on the model are active (their pre-hooks run before the hooks see the input); recipes put GPTQ
+before activation and KV quantizers, QuaRot's order. A linear whose input no hook can see (a stack
+of experts) is rounded to nearest instead, and the change says so.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from fxquant.analysis.dataflow import linear_sites
+from fxquant.calibrate import observe
+from fxquant.config import GPTQConfig
+from fxquant.passes.equalize import require_calibration, sweep
+from fxquant.passes.quantize_weights import check_group_size
+from fxquant.pipeline import Change, PassResult, fxpass
+from fxquant.quant.fake import input_is_hookable
+from fxquant.quant.gptq import gptq_quantize, hessian_update
+from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
+from fxquant.weights import assign
+
+
+def _check(cg, structure, cfg: GPTQConfig | None) -> None:
+    require_calibration(cg, structure, cfg)
+    check_group_size(cg, structure, cfg or GPTQConfig())
+
+
+class _Site:
+    """One linear as a group of one reader, for the block sweep."""
+
+    def __init__(self, site):
+        self.readers = (site,)
+
+
+def _canonical(weight, transposed):
+    return weight.transpose(-1, -2) if transposed else weight
+
+
+def _describe(cfg: GPTQConfig) -> str:
+    how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
+    return f"int{cfg.bits} {'sym' if cfg.symmetric else 'asym'} {how}"
+
+
+@fxpass(invalidates={"outputs", "weights_float"}, provides={"weights_quantized"}, check=_check)
+def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
+    """Quantize every linear weight but the output layer's with GPTQ, block by block."""
+    cfg = cfg or GPTQConfig()
+    sites = [site for site, is_output in linear_sites(cg) if not is_output]
+    runs = Counter(site.module for site in sites)
+    hookable = [s for s in sites if input_is_hookable(cg.model.get_submodule(s.module), runs[s.module])]
+    changes, seen = [], set()
+    for block, here in sweep(cg, [_Site(s) for s in hookable]):
+        hessians = {}
+
+        def accumulate(path):
+            def add(x):
+                hessians[path] = hessian_update(*hessians.get(path, (None, 0)), x)
+            return add
+
+        observe(block, each_input={g.readers[0].module: accumulate(g.readers[0].module) for g in here})
+        for g in here:
+            site = g.readers[0]
+            weight = cg.param(site.weight)
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            q = gptq_quantize(_canonical(weight.detach(), site.transposed), hessians[site.module][0], cfg.bits,
+                              cfg.symmetric, cfg.group_size, cfg.clip_ratio, cfg.clip_search, cfg.damp,
+                              cfg.block_size, cfg.act_order)
+            assign(weight, _canonical(q, site.transposed))
+            changes.append(Change("quantized", site.module, f"{_describe(cfg)} GPTQ"))
+    for site in sites:  # inputs no hook sees: round to nearest
+        weight = cg.param(site.weight)
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        w = _canonical(weight.detach(), site.transposed)
+        q = fake_quantize_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size) if cfg.clip_search else \
+            fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
+        assign(weight, _canonical(q, site.transposed))
+        changes.append(Change("quantized", site.module, f"{_describe(cfg)} RTN (no hook sees this input)"))
+    return PassResult(tuple(changes))
