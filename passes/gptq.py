@@ -19,7 +19,7 @@ from fxquant.passes.equalize import require_calibration, sweep
 from fxquant.passes.quantize_weights import check_group_size
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.fake import input_is_hookable
-from fxquant.quant.gptq import gptq_quantize, hessian_update
+from fxquant.quant.gptq import gptq_quantize, gram, hessian_update
 from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
 from fxquant.weights import assign
 
@@ -54,11 +54,16 @@ def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
     hookable = [s for s in sites if input_is_hookable(cg.model.get_submodule(s.module), runs[s.module])]
     changes, seen = [], set()
     for block, here in sweep(cg, [_Site(s) for s in hookable]):
-        hessians = {}
+        # last: (key, x^T x, x) for linears that read one input; holding x keeps its memory from
+        # being reused, so an equal key means the same tensor
+        hessians, last = {}, [None, None, None]
 
         def accumulate(path):
             def add(x):
-                hessians[path] = hessian_update(*hessians.get(path, (None, 0)), x)
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                if last[0] != key:
+                    last[:] = [key, gram(x), x]
+                hessians[path] = hessian_update(*hessians.get(path, (None, 0)), x, last[1])
             return add
 
         observe(block, each_input={g.readers[0].module: accumulate(g.readers[0].module) for g in here})

@@ -21,14 +21,22 @@ import torch
 from fxquant.quant.numerics import qparams, qparams_clip_search, round_column
 
 
-def hessian_update(hessian: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Running H = 2/n * sum x^T x over every token of x [..., in]; returns (H, n)."""
-    x = x.detach().reshape(-1, x.shape[-1]).double()
+def hessian_update(hessian: torch.Tensor | None, count: int, x: torch.Tensor,
+                   xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Running H = 2/n * sum x^T x over every token of x [..., in]; returns (H, n). `xtx`: x^T x when
+    the caller already has it (linears that read one input share it)."""
+    x = x.detach().reshape(-1, x.shape[-1])
     n = x.shape[0]
-    h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64) if hessian is None else hessian
+    xtx = gram(x) if xtx is None else xtx
+    h = torch.zeros_like(xtx) if hessian is None else hessian
     total = count + n
-    h = h * (count / total) + (x.T @ x) * (2.0 / total)
-    return h, total
+    return h * (count / total) + xtx * (2.0 / total), total
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of x [..., in] in float64 (the product in float32: its sum over a window is exact enough)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return (x.T @ x).double()
 
 
 def _params(w, bits, symmetric, group_size, clip_ratio, clip_search):
