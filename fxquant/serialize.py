@@ -10,16 +10,20 @@ next to the transformers config and replayed on a fresh model from that config:
 - attention transforms (R3, KV-cache fake-quant).
 
 The weights are then loaded strictly (every key must match), so a loaded model computes exactly
-what the saved one did, with no calibration data.
+what the saved one did, with no calibration data. The JSON also records each tensor's shape, dtype
+and CRC-32 as written, so a truncated, corrupted or mismatched file is refused with an error that
+names the file and the tensor, before any weight is used. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from fxquant.attention import ATTR, install
@@ -50,6 +54,8 @@ def save(model: torch.nn.Module, directory, recipe=None) -> Path:
     }
     model.config.save_pretrained(out)
     save_model(model, str(out / WEIGHTS), metadata={"format": FORMAT})  # ties stored once
+    meta["fxquant_version"] = _version()
+    meta["tensors"] = _tensor_records(out / WEIGHTS)
     (out / META).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
@@ -61,15 +67,25 @@ def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
     src = Path(directory)
     if not (src / META).is_file():
         raise ModelLoadError(f"'{src}' has no {META}: it was not written by fxquant.save")
-    meta = json.loads((src / META).read_text())
+    try:
+        meta = json.loads((src / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"'{src / META}' is not valid JSON ({exc}); the directory is damaged: save it again") \
+            from None
     if meta.get("format") != FORMAT:
         raise ModelLoadError(f"'{src / META}' has format {meta.get('format')!r}; this fxquant reads {FORMAT!r}")
+    _check_tensors(src / WEIGHTS, meta.get("tensors"))
     model = _fresh(AutoConfig.from_pretrained(src), dtype=dtype or _saved_dtype(src / WEIGHTS))
+    if type(model).__name__ != meta.get("architecture"):
+        raise ModelLoadError(f"'{src / 'config.json'}' builds a {type(model).__name__}, but the weights in "
+                             f"'{src / WEIGHTS}' were saved from a {meta.get('architecture')}: the config does not "
+                             "belong to these weights")
     for path, spec in meta["modules"].items():
         replace_module(model, path, _build_module(path, spec))
     for path, shape in meta["extra_parameters"].items():
         owner, _, name = path.rpartition(".")
         model.get_submodule(owner).register_parameter(name, torch.nn.Parameter(torch.zeros(shape)))
+    _check_shapes(model, src / WEIGHTS, meta["tensors"])
     load_model(model, str(src / WEIGHTS), strict=True)
     for path, hooks in meta["hooks"].items():
         for hook in hooks:
@@ -77,6 +93,66 @@ def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
     for path, fields in meta["attention"].items():
         install(model, model.get_submodule(path), **fields)
     return model.eval()
+
+
+def _version() -> str:
+    try:
+        return version("fxquant")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _tensor_records(path: Path) -> dict:
+    """{name: {shape, dtype, crc32}} of every tensor as written in the safetensors file."""
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            out[key] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "crc32": _crc(t)}
+    return out
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+
+
+def _check_tensors(path: Path, records: dict | None) -> None:
+    """Refuse a weights file that is missing, unreadable, truncated, or differs from what was saved."""
+    if not path.is_file():
+        raise ModelLoadError(f"'{path}' is missing: the directory has {META} but no weights")
+    if records is None:
+        raise ModelLoadError(f"'{path.parent / META}' lists no tensors: it was written by an older fxquant; save again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for name, rec in records.items():
+                if name not in keys:
+                    raise ModelLoadError(f"'{path}' has no tensor '{name}', which was saved")
+                t = f.get_tensor(name)
+                if list(t.shape) != rec["shape"] or str(t.dtype).removeprefix("torch.") != rec["dtype"]:
+                    raise ModelLoadError(f"tensor '{name}' in '{path}' is {str(t.dtype)} {list(t.shape)}, but "
+                                         f"{rec['dtype']} {rec['shape']} was saved")
+                if _crc(t) != rec["crc32"]:
+                    raise ModelLoadError(f"tensor '{name}' in '{path}' is corrupted: its bytes do not match the "
+                                         "checksum recorded when it was saved")
+            extra = sorted(keys - set(records))
+            if extra:
+                raise ModelLoadError(f"'{path}' holds tensor '{extra[0]}', which was not saved with this model")
+    except SafetensorError as exc:
+        raise ModelLoadError(f"'{path}' cannot be read as safetensors (truncated or damaged?): {exc}") from None
+
+
+def _check_shapes(model, path: Path, records: dict) -> None:
+    """Name the first saved tensor the rebuilt model has no place for, or a place of another shape."""
+    state = model.state_dict()
+    for name, rec in records.items():
+        if name not in state:
+            raise ModelLoadError(f"tensor '{name}' in '{path}' has no parameter in the rebuilt "
+                                 f"{type(model).__name__}: the config does not match these weights")
+        if list(state[name].shape) != rec["shape"]:
+            raise ModelLoadError(f"tensor '{name}' in '{path}' has shape {rec['shape']}, but the rebuilt "
+                                 f"{type(model).__name__} expects {list(state[name].shape)}: the config does not "
+                                 "match these weights")
 
 
 def _fresh(config, device=None, dtype=None) -> torch.nn.Module:

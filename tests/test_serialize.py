@@ -63,6 +63,55 @@ def test_load_refuses_a_directory_fxquant_did_not_write(tmp_path):
         load(tmp_path)
 
 
+def _saved(tmp_path, arch="llama", preset="rotate-r1r2-w8a8"):
+    model = tiny_model(arch)
+    quantize(model, preset)
+    save(model, tmp_path / arch)
+    return tmp_path / arch
+
+
+def test_the_json_records_every_tensor_with_its_checksum_and_the_version(tmp_path):
+    meta = json.loads((_saved(tmp_path) / "fxquant.json").read_text())
+    assert meta["fxquant_version"] not in ("", None)
+    assert meta["tensors"]["model.layers.0.self_attn.q_proj.weight"]["shape"] == [64, 64]
+    assert all(set(r) == {"shape", "dtype", "crc32"} for r in meta["tensors"].values())
+
+
+def test_a_truncated_weights_file_is_refused_naming_the_file(tmp_path):
+    path = _saved(tmp_path) / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors' cannot be read as safetensors \(truncated"):
+        load(path.parent)
+
+
+def test_a_flipped_byte_is_refused_naming_the_tensor(tmp_path):
+    path = _saved(tmp_path) / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # in the data of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=r"tensor '.+' in '.+model\.safetensors' is corrupted"):
+        load(path.parent)
+
+
+def test_weights_with_a_config_of_another_model_are_refused(tmp_path):
+    llama, qwen = _saved(tmp_path), _saved(tmp_path, "qwen2", "rotate-r1r2")
+    (llama / "config.json").write_text((qwen / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="builds a Qwen2ForCausalLM, but the weights .* LlamaForCausalLM"):
+        load(llama)
+    other = tiny_model("llama", intermediate_size=96)
+    other.config.save_pretrained(llama)
+    with pytest.raises(ModelLoadError, match=r"tensor 'model\.layers\.0\.mlp\..+' in .+ has shape .+ expects"):
+        load(llama)
+
+
+def test_a_damaged_json_is_refused(tmp_path):
+    directory = _saved(tmp_path)
+    (directory / "fxquant.json").write_text('{"format": "fxquant-1", ')
+    with pytest.raises(ModelLoadError, match="fxquant.json' is not valid JSON"):
+        load(directory)
+
+
 def test_cli_quantize_out_writes_a_directory_that_loads(tmp_path, capsys):
     from fxquant.cli import main
 
