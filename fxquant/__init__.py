@@ -7,6 +7,7 @@ node to the module and parameter it came from, `analyse` reads the graph into a 
 and passes (run by a `Pipeline`) edit the model through those links. `quantize(model, recipe)`
 runs a recipe (an ordered list of passes) on a model in place.
 """
+from fxquant import qat  # fxquant.qat.prepare / fxquant.qat.convert
 from fxquant.analysis import Blocked, Structure, analyse
 from fxquant.api import apply_recipe, quantize
 from fxquant.capture import capture
@@ -23,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize", "apply_recipe", "save", "load", "load_recipe", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
     "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
-    "NoHadamardError", "RecipeError", "ModelLoadError", "PassError",
+    "NoHadamardError", "RecipeError", "ModelLoadError", "PassError", "qat",
 ]

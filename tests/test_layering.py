@@ -16,7 +16,7 @@ RANK = {
     "fxquant.ops": 1, "fxquant.capture": 1, "fxquant.models": 1, "fxquant.eval": 1, "fxquant.verify": 1,
     "fxquant.analysis": 2, "fxquant.viz": 2,
     "fxquant.pipeline": 3, "fxquant.config": 3, "fxquant.online": 3, "fxquant.attention": 3, "fxquant.calibrate": 3,
-    "fxquant.quant": 3, "fxquant.passes": 4, "fxquant.recipes": 5, "fxquant.api": 5, "fxquant.serialize": 5, "fxquant.report": 5,
+    "fxquant.quant": 3, "fxquant.passes": 4, "fxquant.recipes": 5, "fxquant.api": 5, "fxquant.serialize": 5, "fxquant.report": 5, "fxquant.qat": 5,
     "fxquant.cli": 9, "fxquant": 9,
 }
 LEAVES = {"fxquant.errors", "fxquant.ir", "fxquant.hadamard", "fxquant.hadamard_constructions", "fxquant.weights", "fxquant.quant.numerics"}
