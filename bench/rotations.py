@@ -20,7 +20,6 @@ from contextlib import contextmanager
 import torch
 
 from fxquant.api import apply_recipe
-from fxquant.config import WeightQuantConfig
 from fxquant.eval import EvalSplit, calibration_windows, default_tokens, eval_windows, perplexity
 from fxquant.models import load_model
 from fxquant.recipes import load_recipe
@@ -43,7 +42,7 @@ def _recipe(name: str, group_size: int) -> dict | None:
         return None
     preset, *pairs = name.split("+")
     fields = {k: _value(v) for k, _, v in (p.partition("=") for p in pairs)}
-    grouped = any(isinstance(c, WeightQuantConfig) and c.group_size for _, c in load_recipe(preset).steps)
+    grouped = any(getattr(c, "group_size", None) for _, c in load_recipe(preset).steps)
     return {"preset": preset, **({"group_size": group_size} if grouped else {}), **fields}
 
 
