@@ -44,8 +44,9 @@ PRESETS: dict[str, list[tuple[str, dict]]] = {
     "quarot-w4a8": _QUAROT + [_INT4_W_CHANNEL, _INT8_A],
     "awq-w4a16": _AWQ + [_INT4_W],  # AWQ scales + clip, then int4 asymmetric groups of 128
     "quarot-awq-w4a16": _ROTATE + _AWQ + [_INT4_W],  # R1 + R2, then AWQ on the rotated model
-    "gptq-w4a16": [("gptq", {"bits": 4, "symmetric": False, "group_size": 128})],
-    "quarot-gptq-w4a4kv4": _QUAROT + [("gptq", {"bits": 4, "symmetric": True, "group_size": None, "clip_search": True}),
+    "gptq-w4a16": [("gptq", {"bits": 4, "symmetric": False, "group_size": 128, "act_order": True})],
+    "quarot-gptq-w4a4kv4": _QUAROT + [("gptq", {"bits": 4, "symmetric": True, "group_size": None, "clip_search": True,
+                                                "act_order": True}),
                                       _INT4_A, ("quantize_kv_cache", {"bits": 4})],
     "smoothquant-w8a8": [("smooth_quant", {}), _INT8_W, _INT8_A],  # alpha 0.5, then int8 weights and tokens
     **_QUANT,  # round-to-nearest fake-quant, no rotation

@@ -220,7 +220,7 @@ def test_equalization_composes_with_rotations():
     model, ids = tiny_model("llama"), _ids()
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-    recipe = {"preset": "quarot-awq-w4a16", "group_size": 16}
+    recipe = {"preset": "quarot-awq-w4a16", "group_size": 16, "grid": 4}
     result = apply_recipe(model, recipe, calibration=_calibration())
     assert list(result.results)[:6] == ["fold_norms", "layernorms_to_rms", "rotate_residual", "rotate_vo",
                                         "awq_scale", "awq_clip"]
