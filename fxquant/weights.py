@@ -15,9 +15,10 @@ DEFAULT_PRECISION = torch.float64
 Span = tuple[int, int] | None  # a [start, end) slice of the rows (outputs) or columns (inputs)
 
 
-def _canonical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """A view of `weight` as [..., out, in]."""
+def canonical(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A view of `weight` as [..., out, in] (its own inverse: a canonical tensor back to storage)."""
     return weight.transpose(-1, -2) if transposed else weight
+
 
 
 def _write(target: torch.Tensor, value: torch.Tensor) -> None:
@@ -36,7 +37,7 @@ def _write(target: torch.Tensor, value: torch.Tensor) -> None:
 
 def _write_canonical(weight: torch.Tensor, transposed: bool, part: torch.Tensor, value: torch.Tensor) -> None:
     """Store a new canonical-layout `value` for `part` of `weight`: the whole weight when part is all of it."""
-    if part.shape == _canonical(weight, transposed).shape:
+    if part.shape == canonical(weight, transposed).shape:
         _write(weight, value.transpose(-1, -2) if transposed else value)
     else:
         _write(part, value)
@@ -54,7 +55,7 @@ def rotate_in(weight, q, *, transposed=False, cols: Span = None, precision=DEFAU
     `q` is Q or an operator x -> x @ Q. `cols` restricts Q to one span of input columns (one
     attention head of o_proj).
     """
-    w = _canonical(weight, transposed)
+    w = canonical(weight, transposed)
     part = w if cols is None else w[..., :, cols[0]:cols[1]]
     _write_canonical(weight, transposed, part, _right(part.to(precision), q))
 
@@ -65,7 +66,7 @@ def rotate_out(weight, bias, q, *, transposed=False, rows: Span = None, precisio
 
     `rows` restricts Q to one span of output rows (one value head of a fused qkv projection).
     """
-    w = _canonical(weight, transposed)
+    w = canonical(weight, transposed)
     part = w if rows is None else w[..., rows[0]:rows[1], :]
     value = _right(part.to(precision).transpose(-1, -2), q).transpose(-1, -2)  # Q^T W = (W^T Q)^T
     _write_canonical(weight, transposed, part, value)
@@ -77,7 +78,7 @@ def rotate_out(weight, bias, q, *, transposed=False, rows: Span = None, precisio
 @torch.no_grad()
 def scale_in(weight, scale, *, transposed=False, precision=DEFAULT_PRECISION) -> None:
     """The layer's input was multiplied by `scale` per channel, now it is not: W' = W diag(s)."""
-    w = _canonical(weight, transposed)
+    w = canonical(weight, transposed)
     _write(w, w.to(precision) * scale.to(precision))
 
 
@@ -87,7 +88,7 @@ def scale_out(weight, bias, scale, *, transposed=False, rows: Span = None, preci
 
     `rows` restricts it to one span of output rows (the v rows of a fused qkv projection).
     """
-    w = _canonical(weight, transposed)
+    w = canonical(weight, transposed)
     part = w if rows is None else w[..., rows[0]:rows[1], :]
     _write_canonical(weight, transposed, part, part.to(precision) * scale.to(precision)[:, None])
     if bias is not None:
@@ -98,7 +99,7 @@ def scale_out(weight, bias, scale, *, transposed=False, rows: Span = None, preci
 @torch.no_grad()
 def shift_in(weight, bias, shift, *, transposed=False, precision=DEFAULT_PRECISION) -> None:
     """The layer's input lost a constant `shift` (x = x' + c): b' = b + W c  =>  x' W^T + b' = x W^T + b."""
-    w = _canonical(weight, transposed)
+    w = canonical(weight, transposed)
     _write(bias, bias.to(precision) + w.to(precision) @ shift.to(precision))
 
 
@@ -108,7 +109,7 @@ def center_out(weight, bias, *, transposed=False, precision=DEFAULT_PRECISION) -
 
     Exact for a model whose every reader of these outputs subtracts the mean itself (LayerNorm).
     """
-    w = _canonical(weight, transposed)
+    w = canonical(weight, transposed)
     wd = w.to(precision)
     _write(w, wd - wd.mean(dim=-2, keepdim=True))
     if bias is not None:

@@ -23,11 +23,11 @@ from fxquant.analysis.structure import Blocked
 from fxquant.calibrate import main_tensor, observe
 from fxquant.config import AWQConfig
 from fxquant.passes.equalize import (
-    column_scale, fold_scale, observer, reduce_columns, require_calibration, select_groups, sweep,
+    SiteGroup, column_scale, fold_scale, observer, reduce_columns, require_calibration, select_groups, sweep,
 )
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.numerics import fake_quantize
-from fxquant.weights import assign
+from fxquant.weights import assign, canonical
 
 CLIP_TOKENS = 512  # calibration tokens the clip search measures each linear on (evenly spaced)
 _PRECISION = {"float64": torch.float64, "float32": torch.float32}
@@ -44,15 +44,11 @@ def enclosing(group) -> str:
     return ".".join(common)
 
 
-def _canonical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return w.transpose(-1, -2) if transposed else w
-
-
 def weight_mean(cg, group, group_size: int | None) -> torch.Tensor:
     """AWQ's weight salience: |W| over the max of its quantization group, averaged over all rows."""
     total, rows = 0, 0
     for r in group.readers:
-        w = _canonical(cg.param(r.weight).detach(), r.transposed).float()
+        w = canonical(cg.param(r.weight).detach(), r.transposed).float()
         w = w.reshape(-1, w.shape[-1])
         g = group_size or w.shape[-1]
         grouped = w.abs().reshape(w.shape[0], -1, g)
@@ -99,8 +95,8 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
         for how, s in _candidates(x_mean.double(), w_mean, cfg):
             cols = column_scale(s, group).float()
             for (p, transposed), w in zip(params, originals):
-                q = fake_quantize(_canonical(w, transposed).float() * cols, cfg.bits, cfg.symmetric, cfg.group_size)
-                p.data = _canonical(q / cols, transposed).to(w.dtype).contiguous()
+                q = fake_quantize(canonical(w, transposed).float() * cols, cfg.bits, cfg.symmetric, cfg.group_size)
+                p.data = canonical(q / cols, transposed).to(w.dtype).contiguous()
             loss = sum(float(((main_tensor(call.run(module)).float() - ref) ** 2).sum())
                        for (call, _), ref in zip(calls, reference))
             if loss < best[0]:
@@ -173,7 +169,7 @@ def awq_clip(cg, structure, cfg: AWQConfig | None) -> PassResult:
     for site, is_output in linear_sites(cg):
         if is_output or site.node in qk:
             continue
-        group = _SiteGroup(site)
+        group = SiteGroup(site)
         if observer(cg, group) is None or observer(cg, group)[1] != "in":
             blocked.append(Blocked(site.node, site.module, "its module's input is not the linear's input"))
         else:
@@ -185,18 +181,12 @@ def awq_clip(cg, structure, cfg: AWQConfig | None) -> PassResult:
             x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[site.module]])
             x = x[torch.linspace(0, len(x) - 1, min(len(x), CLIP_TOKENS)).long()]
             weight = cg.param(site.weight)
-            w = _canonical(weight.detach(), site.transposed)
+            w = canonical(weight.detach(), site.transposed)
             limit = clip_ranges(w, x, cfg)
             clipped = torch.clamp(w.float().reshape(limit.shape[0], limit.shape[1], -1), -limit, limit)
-            assign(weight, _canonical(clipped.reshape(w.shape), site.transposed))
+            assign(weight, canonical(clipped.reshape(w.shape), site.transposed))
             shrunk = float((limit < w.float().abs().reshape(limit.shape[0], limit.shape[1], -1).amax(-1, True)).float()
                            .mean())
             changes.append(Change("clipped", site.module, f"{shrunk:.0%} of groups' ranges shrunk"))
     return PassResult(tuple(changes), tuple(blocked))
 
-
-class _SiteGroup:
-    """One linear as a group of one reader, for the block sweep."""
-
-    def __init__(self, site):
-        self.readers = (site,)

@@ -23,7 +23,7 @@ from fxquant.errors import CalibrationError
 from fxquant.online import install_input_scale
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.fake import input_is_hookable
-from fxquant.weights import assign, scale_in, scale_out
+from fxquant.weights import assign, canonical, scale_in, scale_out
 
 _PRECISION = {"float64": torch.float64, "float32": torch.float32}
 
@@ -66,8 +66,14 @@ def weight_abs_max(cg, group: ScaleGroup) -> torch.Tensor:
 
 
 def _canonical(cg, site) -> torch.Tensor:
-    w = cg.param(site.weight).detach()
-    return w.transpose(-1, -2) if site.transposed else w
+    return canonical(cg.param(site.weight).detach(), site.transposed)
+
+
+class SiteGroup:
+    """One linear as a group of one reader: what `sweep` and `observer` take for per-linear passes."""
+
+    def __init__(self, site):
+        self.readers = (site,)
 
 
 @torch.no_grad()

@@ -15,29 +15,18 @@ from collections import Counter
 from fxquant.analysis.dataflow import linear_sites
 from fxquant.calibrate import observe
 from fxquant.config import GPTQConfig
-from fxquant.passes.equalize import require_calibration, sweep
+from fxquant.passes.equalize import SiteGroup, require_calibration, sweep
 from fxquant.passes.quantize_weights import check_group_size
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.fake import input_is_hookable
 from fxquant.quant.gptq import gptq_quantize, gram, hessian_update
 from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
-from fxquant.weights import assign
+from fxquant.weights import assign, canonical
 
 
 def _check(cg, structure, cfg: GPTQConfig | None) -> None:
     require_calibration(cg, structure, cfg)
     check_group_size(cg, structure, cfg or GPTQConfig())
-
-
-class _Site:
-    """One linear as a group of one reader, for the block sweep."""
-
-    def __init__(self, site):
-        self.readers = (site,)
-
-
-def _canonical(weight, transposed):
-    return weight.transpose(-1, -2) if transposed else weight
 
 
 def _describe(cfg: GPTQConfig) -> str:
@@ -53,7 +42,7 @@ def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
     runs = Counter(site.module for site in sites)
     hookable = [s for s in sites if input_is_hookable(cg.model.get_submodule(s.module), runs[s.module])]
     changes, seen = [], set()
-    for block, here in sweep(cg, [_Site(s) for s in hookable]):
+    for block, here in sweep(cg, [SiteGroup(s) for s in hookable]):
         # last: (key, x^T x, x) for linears that read one input; holding x keeps its memory from
         # being reused, so an equal key means the same tensor
         hessians, last = {}, [None, None, None]
@@ -73,19 +62,19 @@ def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
             if id(weight) in seen:
                 continue
             seen.add(id(weight))
-            q = gptq_quantize(_canonical(weight.detach(), site.transposed), hessians[site.module][0], cfg.bits,
+            q = gptq_quantize(canonical(weight.detach(), site.transposed), hessians[site.module][0], cfg.bits,
                               cfg.symmetric, cfg.group_size, cfg.clip_ratio, cfg.clip_search, cfg.damp,
                               cfg.block_size, cfg.act_order)
-            assign(weight, _canonical(q, site.transposed))
+            assign(weight, canonical(q, site.transposed))
             changes.append(Change("quantized", site.module, f"{_describe(cfg)} GPTQ"))
     for site in sites:  # inputs no hook sees: round to nearest
         weight = cg.param(site.weight)
         if id(weight) in seen:
             continue
         seen.add(id(weight))
-        w = _canonical(weight.detach(), site.transposed)
+        w = canonical(weight.detach(), site.transposed)
         q = fake_quantize_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size) if cfg.clip_search else \
             fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
-        assign(weight, _canonical(q, site.transposed))
+        assign(weight, canonical(q, site.transposed))
         changes.append(Change("quantized", site.module, f"{_describe(cfg)} RTN (no hook sees this input)"))
     return PassResult(tuple(changes))

@@ -21,3 +21,15 @@ def captured(arch: str):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def planted_outliers(model, factor: float = 30.0):
+    """Make input channels 0..3 of every norm-fed linear `factor` times larger (through the norm
+    weights): the outlier channels that AWQ and GPTQ must handle better than round-to-nearest."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p[:4] *= factor
+    return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHS
+from conftest import ARCHS, planted_outliers
 from fxquant import apply_recipe, capture, load, quantize, save
 from fxquant.calibrate import block_sweep, decoder_blocks
 from fxquant.errors import CalibrationError
@@ -165,15 +165,6 @@ def test_block_sweep_reproduces_the_model_block_by_block():
         torch.testing.assert_close(got, want)
 
 
-def _planted_outliers(model):
-    """Make 4 input channels of every q/k/v and gate/up 30x larger (through the norm weights)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p[:4] *= 30
-    return model
-
-
 def _layer_error(model, reference, ids):
     with torch.no_grad():
         return float(((model(ids, use_cache=False).logits - reference) ** 2).mean())
@@ -181,12 +172,12 @@ def _layer_error(model, reference, ids):
 
 def test_awq_beats_round_to_nearest_on_planted_outlier_channels():
     ids, calibration = _ids(seed=99, n=4, length=16), _calibration(8)
-    reference_model = _planted_outliers(tiny_model("llama"))
+    reference_model = planted_outliers(tiny_model("llama"))
     with torch.no_grad():
         reference = reference_model(ids, use_cache=False).logits
     w4 = {"bits": 4, "symmetric": False, "group_size": 16}
-    rtn = quantize(_planted_outliers(tiny_model("llama")), {"passes": [{"pass": "quantize_weights", **w4}]})
-    awq = quantize(_planted_outliers(tiny_model("llama")),
+    rtn = quantize(planted_outliers(tiny_model("llama")), {"passes": [{"pass": "quantize_weights", **w4}]})
+    awq = quantize(planted_outliers(tiny_model("llama")),
                    {"passes": [{"pass": "awq_scale", **w4}, {"pass": "quantize_weights", **w4}]},
                    calibration=calibration)
     assert _layer_error(awq, reference, ids) < 0.7 * _layer_error(rtn, reference, ids)

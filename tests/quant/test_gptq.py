@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import planted_outliers
 from fxquant import apply_recipe, quantize
 from fxquant.errors import CalibrationError, RecipeError
 from fxquant.models import tiny_model
@@ -69,24 +70,16 @@ def test_dead_input_channels_are_zeroed():
     assert torch.all(q[:, 5] == 0)
 
 
-def _planted(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p[:4] *= 30
-    return model
-
-
 @pytest.mark.parametrize("rotations", [[], ["fold_norms", "rotate_residual", "rotate_vo", "insert_online_hadamard"]])
 def test_the_gptq_pass_beats_round_to_nearest_with_and_without_rotations(rotations):
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(99))
     calibration = [torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     with torch.no_grad():
-        reference = _planted(tiny_model("llama"))(ids).logits
+        reference = planted_outliers(tiny_model("llama"))(ids).logits
     w4 = {"bits": 4, "symmetric": False, "group_size": 16}
     first = [{"pass": p} for p in rotations]
-    rtn = quantize(_planted(tiny_model("llama")), {"passes": first + [{"pass": "quantize_weights", **w4}]})
-    model = _planted(tiny_model("llama"))
+    rtn = quantize(planted_outliers(tiny_model("llama")), {"passes": first + [{"pass": "quantize_weights", **w4}]})
+    model = planted_outliers(tiny_model("llama"))
     result = apply_recipe(model, {"passes": first + [{"pass": "gptq", **w4}]}, calibration=calibration)
     assert [c.detail for c in result.results["gptq"].changes] == ["int4 asym group 16 GPTQ"] * 14
     with torch.no_grad():
