@@ -114,3 +114,35 @@ def round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
         q = q + zero
     q = q.clamp(qmin, qmax)
     return ((q - zero) if zero is not None else q) * scale
+
+
+def qparams_float_zero(x: torch.Tensor, bits: int = 4, group_size: int | None = None,
+                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) of the tinygemm / FBGEMM asymmetric int4 format: codes 0..2^b-1
+    from the group min, scale = (max - min) / (2^b - 1) (at least `eps`), and a *float* zero that
+    re-centres the codes to signed: x_hat = (q - 2^(b-1)) * scale + zero, zero = min + 2^(b-1) * scale."""
+    g = _grouped(x.float(), group_size)
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(eps)
+    return scale, lo + 2 ** (bits - 1) * scale
+
+
+def quantize_float_zero(x, scale, zero, bits: int = 4, group_size: int | None = None) -> torch.Tensor:
+    """Unsigned codes q = clamp(round((x - (zero - 2^(b-1) scale)) / scale), 0, 2^b - 1), in x's shape."""
+    mid = 2 ** (bits - 1)
+    q = torch.round((_grouped(x.float(), group_size) - (zero - mid * scale)) / scale)
+    return q.clamp(0, 2 ** bits - 1).reshape(x.shape)
+
+
+def dequantize_float_zero(q, scale, zero, bits: int = 4, group_size: int | None = None,
+                          dtype=torch.float32) -> torch.Tensor:
+    """x_hat = (q - 2^(b-1)) * scale + zero, in `dtype`."""
+    g = _grouped(q.float(), group_size)
+    return ((g - 2 ** (bits - 1)) * scale + zero).reshape(q.shape).to(dtype)
+
+
+def fake_quantize_float_zero(x: torch.Tensor, bits: int = 4, group_size: int | None = None) -> torch.Tensor:
+    """Round x to the tinygemm-style asymmetric grid (see `qparams_float_zero`), in x's dtype."""
+    scale, zero = qparams_float_zero(x, bits, group_size)
+    return dequantize_float_zero(quantize_float_zero(x, scale, zero, bits, group_size), scale, zero, bits,
+                                 group_size, x.dtype)

@@ -1,0 +1,55 @@
+"""int4 packing and the tinygemm-style asymmetric numerics: exact round trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant.quant.numerics import (
+    dequantize, dequantize_float_zero, fake_quantize, fake_quantize_float_zero, qparams, qparams_float_zero, quantize,
+    quantize_float_zero,
+)
+from fxquant.quant.packed import pack_int4, unpack_int4
+
+
+def test_every_pair_of_int4_codes_round_trips_through_one_byte():
+    codes = torch.cartesian_prod(torch.arange(16), torch.arange(16)).to(torch.uint8)  # [256, 2]
+    packed = pack_int4(codes)
+    assert packed.shape == (256, 1) and packed.dtype == torch.uint8
+    assert len(set(packed.flatten().tolist())) == 256  # every byte value used once
+    assert torch.equal(unpack_int4(packed), codes)
+    assert packed[1, 0] == 0x10 and packed[16, 0] == 0x01  # element 0 is the low nibble
+
+
+def test_packing_refuses_odd_widths_and_out_of_range_codes():
+    with pytest.raises(ValueError, match="even last dimension"):
+        pack_int4(torch.zeros(3, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="0..15"):
+        pack_int4(torch.tensor([[16, 0]]))
+
+
+@pytest.mark.parametrize("symmetric,group", [(True, None), (False, 32), (True, 64)])
+def test_packed_codes_dequantize_to_exactly_the_fake_quantized_weight(symmetric, group):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    scale, zero = qparams(w, 4, symmetric, group)
+    codes = quantize(w, scale, zero, 4, symmetric, group)
+    offset = 8 if symmetric else 0  # signed codes are stored offset to 0..15
+    stored = pack_int4((codes + offset).to(torch.uint8))
+    assert stored.numel() == w.numel() // 2
+    back = dequantize(unpack_int4(stored).float() - offset, scale, zero, group)
+    assert torch.equal(back, fake_quantize(w, 4, symmetric, group))
+
+
+def test_tinygemm_numerics_match_their_definition_and_pack_exactly():
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
+    scale, zero = qparams_float_zero(w, 4, 32)
+    g = w.reshape(16, 4, 32)
+    torch.testing.assert_close(scale, ((g.amax(-1, True) - g.amin(-1, True)) / 15).clamp_min(1e-6))
+    torch.testing.assert_close(zero, g.amin(-1, True) + 8 * scale)
+    codes = quantize_float_zero(w, scale, zero, 4, 32)
+    assert codes.min() >= 0 and codes.max() <= 15
+    back = dequantize_float_zero(unpack_int4(pack_int4(codes.to(torch.uint8))), scale, zero, 4, 32)
+    assert torch.equal(back, fake_quantize_float_zero(w, 4, 32))
+    # the group min and max are represented (up to one rounding of the float zero)
+    assert (back - w).abs().max() <= 0.5 * scale.max() + 1e-6
+    flat = torch.full((2, 32), 0.25)  # a constant group: the eps scale keeps it finite, within float rounding
+    assert (fake_quantize_float_zero(flat, 4, 32) - flat).abs().max() <= 1e-6
