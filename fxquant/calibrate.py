@@ -121,8 +121,11 @@ def _block_inputs(model, batches, blocks, extra):
             return state
         return forward
 
+    # an instance attribute shadows the class's forward; one already there (accelerate's offload
+    # wrapper) is put back afterwards
+    previous = [module.__dict__.get("forward") for module in modules]
     for index, module in enumerate(modules):
-        module.forward = identity(index)  # an instance attribute shadows the class's forward
+        module.forward = identity(index)
     try:
         for batch in batches:
             try:
@@ -130,8 +133,11 @@ def _block_inputs(model, batches, blocks, extra):
             except _Stop:
                 pass
     finally:
-        for module in modules:
-            del module.forward
+        for module, before in zip(modules, previous):
+            if before is None:
+                del module.forward
+            else:
+                module.forward = before
     if len(hidden) != len(batches) or any(len(r) != len(batches) for r in rest):
         raise CalibrationError(f"the blocks under '{blocks[0].rpartition('.')[0]}' were not each called once per "
                                "calibration batch, so they cannot be calibrated one at a time")

@@ -236,3 +236,21 @@ def test_presets_take_overrides(preset):
     assert set(groups.values()) <= {64, None}
     if preset != "smoothquant-w8a8":
         assert groups == {"AWQConfig": 64, "WeightQuantConfig": 64}
+
+
+def test_the_sweep_puts_back_a_forward_that_was_already_wrapped():
+    model = tiny_model("llama")
+    layer = model.get_submodule("model.layers.0")
+    calls = []
+
+    def wrapped(*args, **kwargs):  # what accelerate's offload hooks install
+        calls.append(1)
+        return type(layer).forward(layer, *args, **kwargs)
+
+    layer.forward = wrapped
+    for _ in block_sweep(model, [{"input_ids": _ids(n=1)}], decoder_blocks(model, ["model.layers.0.mlp.up_proj"])):
+        pass
+    assert layer.forward is wrapped and "forward" not in model.get_submodule("model.layers.1").__dict__
+    with torch.no_grad():
+        model(_ids(n=1))
+    assert calls
