@@ -181,6 +181,18 @@ def test_awq_beats_round_to_nearest_on_planted_outlier_channels():
                    {"passes": [{"pass": "awq_scale", **w4}, {"pass": "quantize_weights", **w4}]},
                    calibration=calibration)
     assert _layer_error(awq, reference, ids) < 0.7 * _layer_error(rtn, reference, ids)
+    # and at the output of the first decoder layer, where the quantized linears' error first lands
+    first = [_block_output(m, ids) for m in (reference_model, rtn, awq)]
+    assert float(((first[2] - first[0]) ** 2).mean()) < 0.7 * float(((first[1] - first[0]) ** 2).mean())
+
+
+def _block_output(model, ids):
+    seen = []
+    handle = model.get_submodule("model.layers.0").register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    return seen[0]
 
 
 def test_awq_clip_shrinks_ranges_and_lowers_the_quantized_output_error():
