@@ -116,7 +116,10 @@ def select_groups(cg, structure, scope: str, need_observer: bool = True):
     chosen, blocked = [], []
     for group in scale_groups(cg, structure):
         first = group.readers[0]
-        if not in_scope(group, scope):
+        if not in_scope(group, scope) and group.fold != "none":
+            blocked.append(Blocked(first.node, group.name, f"its input is not made by a norm (scope={scope!r}); "
+                                                             "scope='foldable' folds it into " + group.target))
+        elif not in_scope(group, scope):
             blocked.append(Blocked(first.node, group.name, f"no weight absorbs 1/s ({group.reason}); "
                                                              "scope='all' inserts a multiply"))
         elif any(shared[id(cg.param(r.weight))] > 1 for r in group.readers):

@@ -266,3 +266,13 @@ def test_the_sweep_puts_back_a_forward_that_was_already_wrapped():
     with torch.no_grad():
         model(_ids(n=1))
     assert calls
+
+
+def test_scope_norms_leaves_the_linear_folds_and_says_why():
+    model = tiny_model("llama")
+    result = apply_recipe(model, {"passes": [{"pass": "smooth_quant", "scope": "norms"}]}, calibration=_calibration())
+    res = result.results["smooth_quant"]
+    assert len(res.changes) == 4 and all("layernorm" in c.detail for c in res.changes)
+    reasons = {b.module: b.reason for b in res.blocked}
+    assert reasons["model.layers.0.self_attn.o_proj"] == ("its input is not made by a norm (scope='norms'); "
+                                                          "scope='foldable' folds it into model.layers.0.self_attn.v_proj rows")
