@@ -1,7 +1,7 @@
 """Calibration: run token windows through a model block by block, and observe what layers see.
 
-Entry points: `decoder_blocks(model, paths)`, `block_sweep(model, batches, blocks)` and the observers
-`channel_stats` / `record_calls`. The one idea: a decoder is a list of blocks that each map the
+Entry points: `decoder_blocks(model, paths)`, `block_sweep(model, batches, blocks)` and `observe(block, ...)`
+(per-channel `ChannelStats`, inputs, recorded calls). The one idea: a decoder is a list of blocks that each map the
 hidden state to the next, so calibration holds one block's inputs at a time: the hidden states
 entering block 0 and every block's keyword arguments (masks, rotary tables) are recorded in one
 cheap forward in which each block is the identity, then each block runs on its inputs, lets the
@@ -150,15 +150,6 @@ def _hidden(out, path: str) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise CalibrationError(f"block '{path}' returned {type(out).__name__}, not the next hidden state")
-
-
-def main_tensor(out) -> torch.Tensor:
-    """A module's output tensor (the first one of a tuple, as attention modules return)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return next(t for t in out if isinstance(t, torch.Tensor))
-    raise CalibrationError(f"a module returned {type(out).__name__}, which holds no tensor to compare")
 
 
 @dataclass

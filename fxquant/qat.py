@@ -23,9 +23,9 @@ from fxquant.api import apply_recipe
 from fxquant.capture import capture
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
-from fxquant.passes.quantize_weights import check_group_size
-from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
+from fxquant.passes.quantize_weights import check_group_size, round_weight
 from fxquant.recipes import Recipe, load_recipe
+from fxquant.weights import canonical
 
 _NOT_TRAINABLE = {"gptq", "awq_clip"}  # they write final weights from calibration: nothing to train through
 
@@ -35,12 +35,7 @@ class _RoundStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, cfg: WeightQuantConfig, transposed: bool):
-        canonical = w.transpose(-1, -2) if transposed else w
-        if cfg.clip_search:
-            q = fake_quantize_clip_search(canonical, cfg.bits, cfg.symmetric, cfg.group_size)
-        else:
-            q = fake_quantize(canonical, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
-        return q.transpose(-1, -2) if transposed else q
+        return canonical(round_weight(canonical(w, transposed), cfg), transposed)
 
     @staticmethod
     def backward(ctx, grad):

@@ -27,10 +27,11 @@ def model_outputs(model: torch.nn.Module, inputs) -> torch.Tensor:
     args, kwargs = as_inputs(inputs)
     with torch.no_grad():
         out = model(*args, **kwargs)
-    return _main_tensor(out)
+    return main_tensor(out)
 
 
-def _main_tensor(out) -> torch.Tensor:
+def main_tensor(out) -> torch.Tensor:
+    """The main output tensor: the tensor itself, `.logits`, or the first item of a tuple (attention)."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)

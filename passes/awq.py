@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.analysis.dataflow import linear_sites
 from fxquant.analysis.structure import Blocked
-from fxquant.calibrate import main_tensor, observe
+from fxquant.calibrate import observe
 from fxquant.config import AWQConfig
 from fxquant.passes.equalize import (
-    SiteGroup, column_scale, fold_scale, observer, reduce_columns, require_calibration, select_groups, sweep,
+    SiteGroup, column_scale, fold_scale, quantized_sites, reduce_columns, require_calibration, select_groups, sweep,
 )
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.numerics import fake_quantize
+from fxquant.verify import main_tensor
 from fxquant.weights import assign, canonical
 
 CLIP_TOKENS = 512  # calibration tokens the clip search measures each linear on (evenly spaced)
-_PRECISION = {"float64": torch.float64, "float32": torch.float32}
 
 
 def enclosing(group) -> str:
@@ -111,15 +110,15 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
 def awq_scale(cg, structure, cfg: AWQConfig | None) -> PassResult:
     """AWQ's scale search, folded like any equalization scale (float outputs unchanged)."""
     cfg = cfg or AWQConfig()
-    groups, blocked = select_groups(cg, structure, cfg.scope)
-    changes = []
-    for block, here in sweep(cg, groups):
-        stats, _, calls = observe(block, stats_of={observer(cg, g) for g in here},
+    chosen, blocked = select_groups(cg, structure, cfg.scope)
+    where, changes = dict(chosen), []
+    for block, here in sweep(cg, list(where)):
+        stats, _, calls = observe(block, stats_of={where[g] for g in here},
                                   calls_of={enclosing(g) for g in here}, keep_outputs=True)
-        found = [(g, *search_scale(cg, g, reduce_columns(stats[observer(cg, g)].abs_mean.double(), g, "mean"),
+        found = [(g, *search_scale(cg, g, reduce_columns(stats[where[g]].abs_mean.double(), g, "mean"),
                                    calls[enclosing(g)], cfg)) for g in here]
         for g, s, how in found:  # every search saw the float block: fold only after all of them
-            change = fold_scale(cg, g, s, _PRECISION[cfg.precision])
+            change = fold_scale(cg, g, s, getattr(torch, cfg.precision))
             changes.append(Change(change.kind, change.target, f"{change.detail}; {how}"))
     return PassResult(tuple(changes), tuple(blocked))
 
@@ -165,16 +164,11 @@ def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
 def awq_clip(cg, structure, cfg: AWQConfig | None) -> PassResult:
     """Clamp each quantized weight group to the range AWQ's clip search finds (not q and k)."""
     cfg = cfg or AWQConfig()
-    qk, changes, blocked, targets = query_key_nodes(structure), [], [], []
-    for site, is_output in linear_sites(cg):
-        if is_output or site.node in qk:
-            continue
-        group = SiteGroup(site)
-        if observer(cg, group) is None or observer(cg, group)[1] != "in":
-            blocked.append(Blocked(site.node, site.module, "its module's input is not the linear's input"))
-        else:
-            targets.append(group)
-    for block, here in sweep(cg, targets):
+    qk, changes = query_key_nodes(structure), []
+    hookable, hidden = quantized_sites(cg)
+    blocked = [Blocked(s.node, s.module, "its module's input is not the linear's input")
+               for s in hidden if s.node not in qk]
+    for block, here in sweep(cg, [SiteGroup(s) for s in hookable if s.node not in qk]):
         _, inputs, _ = observe(block, inputs_of={g.readers[0].module for g in here})
         for g in here:
             site = g.readers[0]
@@ -183,10 +177,9 @@ def awq_clip(cg, structure, cfg: AWQConfig | None) -> PassResult:
             weight = cg.param(site.weight)
             w = canonical(weight.detach(), site.transposed)
             limit = clip_ranges(w, x, cfg)
-            clipped = torch.clamp(w.float().reshape(limit.shape[0], limit.shape[1], -1), -limit, limit)
-            assign(weight, canonical(clipped.reshape(w.shape), site.transposed))
-            shrunk = float((limit < w.float().abs().reshape(limit.shape[0], limit.shape[1], -1).amax(-1, True)).float()
-                           .mean())
+            grouped = w.float().reshape(limit.shape[0], limit.shape[1], -1)
+            assign(weight, canonical(torch.clamp(grouped, -limit, limit).reshape(w.shape), site.transposed))
+            shrunk = float((limit < grouped.abs().amax(-1, keepdim=True)).float().mean())
             changes.append(Change("clipped", site.module, f"{shrunk:.0%} of groups' ranges shrunk"))
     return PassResult(tuple(changes), tuple(blocked))
 

@@ -25,10 +25,6 @@ from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.fake import input_is_hookable
 from fxquant.weights import assign, canonical, scale_in, scale_out
 
-_PRECISION = {"float64": torch.float64, "float32": torch.float32}
-
-
-
 def require_calibration(cg, structure, cfg) -> None:
     """The `check` of a calibrated pass: refuse before any pass runs when there is no data."""
     if not cg.meta.get("calibration"):
@@ -70,7 +66,7 @@ def _canonical(cg, site) -> torch.Tensor:
 
 
 class SiteGroup:
-    """One linear as a group of one reader: what `sweep` and `observer` take for per-linear passes."""
+    """One linear as a group of one reader: what `sweep` takes for per-linear passes."""
 
     def __init__(self, site):
         self.readers = (site,)
@@ -110,12 +106,14 @@ def fold_scale(cg, group: ScaleGroup, s: torch.Tensor, precision=torch.float64) 
 
 
 def select_groups(cg, structure, scope: str, need_observer: bool = True):
-    """The groups a pass edits, and a Blocked entry for each it leaves (out of scope, tied, unobservable)."""
+    """The groups a pass edits, each with where hooks see its input (`observer`; None when not
+    needed), and a Blocked entry for each group it leaves (out of scope, tied, unobservable)."""
     runs = Counter(site.module for site, _ in linear_sites(cg))
     shared = Counter(id(p) for _, p in cg.model.named_parameters(remove_duplicate=False))
     chosen, blocked = [], []
     for group in scale_groups(cg, structure):
         first = group.readers[0]
+        where = observer(cg, group, runs) if need_observer else None
         if not in_scope(group, scope) and group.fold != "none":
             blocked.append(Blocked(first.node, group.name, f"its input is not made by a norm (scope={scope!r}); "
                                                              "scope='foldable' folds it into " + group.target))
@@ -124,25 +122,33 @@ def select_groups(cg, structure, scope: str, need_observer: bool = True):
                                                              "scope='all' inserts a multiply"))
         elif any(shared[id(cg.param(r.weight))] > 1 for r in group.readers):
             blocked.append(Blocked(first.node, group.name, "a reader's weight is tied to another module"))
-        elif need_observer and observer(cg, group, runs) is None:
+        elif need_observer and where is None:
             blocked.append(Blocked(first.node, group.name, "no reader is a module whose input is the linear's input"))
         else:
-            chosen.append(group)
+            chosen.append((group, where))
     return chosen, blocked
 
 
-def observer(cg, group: ScaleGroup, runs=None) -> tuple[str, str] | None:
+def observer(cg, group: ScaleGroup, runs: Counter) -> tuple[str, str] | None:
     """Where hooks see the group's input: (reader module, "in") when a reader's forward input is the
-    linear's input, else (norm module, "out") for a norm's readers; None when neither holds."""
-    runs = runs if runs is not None else Counter(site.module for site, _ in linear_sites(cg))
+    linear's input, else (norm module, "out") for a norm's readers; None when neither holds.
+    `runs`: how many linear sites each module holds."""
     reader = next((r.module for r in group.readers
                    if input_is_hookable(cg.model.get_submodule(r.module), runs[r.module])), None)
     if reader is not None:
         return reader, "in"
-    norm = getattr(group, "norm", None)
-    if norm is not None and _is_leaf_norm(cg.model.get_submodule(norm.module)):
-        return norm.module, "out"
+    if group.norm is not None and _is_leaf_norm(cg.model.get_submodule(group.norm.module)):
+        return group.norm.module, "out"
     return None
+
+
+def quantized_sites(cg):
+    """The linears a weight quantizer edits (all but the output layer), split into those whose
+    module's forward input is the linear's input (hooks can observe it) and the others."""
+    sites = [site for site, is_output in linear_sites(cg) if not is_output]
+    runs = Counter(site.module for site in sites)
+    seen = [input_is_hookable(cg.model.get_submodule(s.module), runs[s.module]) for s in sites]
+    return [s for s, ok in zip(sites, seen) if ok], [s for s, ok in zip(sites, seen) if not ok]
 
 
 def _is_leaf_norm(module) -> bool:
@@ -177,14 +183,14 @@ def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torc
 def smooth_quant(cg, structure, cfg: SmoothQuantConfig | None) -> PassResult:
     """SmoothQuant: move activation outliers into the weights, per input channel of each group."""
     cfg = cfg or SmoothQuantConfig()
-    groups, blocked = select_groups(cg, structure, cfg.scope)
-    changes = []
-    for block, here in sweep(cg, groups):
-        stats, _, _ = observe(block, stats_of={observer(cg, g) for g in here}, keep_outputs=True)
+    chosen, blocked = select_groups(cg, structure, cfg.scope)
+    where, changes = dict(chosen), []
+    for block, here in sweep(cg, list(where)):
+        stats, _, _ = observe(block, stats_of={where[g] for g in here}, keep_outputs=True)
         for g in here:
-            x_max = reduce_columns(stats[observer(cg, g)].abs_max.double(), g)
+            x_max = reduce_columns(stats[where[g]].abs_max.double(), g)
             changes.append(fold_scale(cg, g, smooth_scale(x_max, weight_abs_max(cg, g), cfg.alpha),
-                                      _PRECISION[cfg.precision]))
+                                      getattr(torch, cfg.precision)))
     return PassResult(tuple(changes), tuple(blocked))
 
 
@@ -194,9 +200,9 @@ def cross_layer_equalize(cg, structure, cfg: CLEConfig | None) -> PassResult:
     s = sqrt(r1 / r2) with r1 the range of the producer's row, r2 of the reader's column, so both
     end with sqrt(r1 r2). The producer's bias is scaled with its row."""
     cfg = cfg or CLEConfig()
-    groups, blocked = select_groups(cg, structure, "foldable", need_observer=False)
+    chosen, blocked = select_groups(cg, structure, "foldable", need_observer=False)
     changes = []
-    for g in groups:
+    for g, _ in chosen:
         if g.fold != "rows":
             continue
         w = _canonical(cg, g.producer).abs()
@@ -204,5 +210,5 @@ def cross_layer_equalize(cg, structure, cfg: CLEConfig | None) -> PassResult:
         r1 = torch.cat([w[a:b].amax(-1) for a, b in g.rows]).double()
         r2 = weight_abs_max(cg, g)
         s = torch.where((r1 > 0) & (r2 > 0), (r1 / r2.clamp(min=1e-12)).sqrt(), torch.ones_like(r1))
-        changes.append(fold_scale(cg, g, s, _PRECISION[cfg.precision]))
+        changes.append(fold_scale(cg, g, s, getattr(torch, cfg.precision)))
     return PassResult(tuple(changes), tuple(blocked))

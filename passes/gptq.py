@@ -10,17 +10,12 @@ of experts) is rounded to nearest instead, and the change says so.
 """
 from __future__ import annotations
 
-from collections import Counter
-
-from fxquant.analysis.dataflow import linear_sites
 from fxquant.calibrate import observe
 from fxquant.config import GPTQConfig
-from fxquant.passes.equalize import SiteGroup, require_calibration, sweep
-from fxquant.passes.quantize_weights import check_group_size
+from fxquant.passes.equalize import SiteGroup, quantized_sites, require_calibration, sweep
+from fxquant.passes.quantize_weights import check_group_size, describe, round_weight
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.fake import input_is_hookable
 from fxquant.quant.gptq import gptq_quantize, gram, hessian_update
-from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
 from fxquant.weights import assign, canonical
 
 
@@ -29,18 +24,11 @@ def _check(cg, structure, cfg: GPTQConfig | None) -> None:
     check_group_size(cg, structure, cfg or GPTQConfig())
 
 
-def _describe(cfg: GPTQConfig) -> str:
-    how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
-    return f"int{cfg.bits} {'sym' if cfg.symmetric else 'asym'} {how}"
-
-
 @fxpass(invalidates={"outputs", "weights_float"}, provides={"weights_quantized"}, check=_check)
 def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
     """Quantize every linear weight but the output layer's with GPTQ, block by block."""
     cfg = cfg or GPTQConfig()
-    sites = [site for site, is_output in linear_sites(cg) if not is_output]
-    runs = Counter(site.module for site in sites)
-    hookable = [s for s in sites if input_is_hookable(cg.model.get_submodule(s.module), runs[s.module])]
+    hookable, hidden = quantized_sites(cg)
     changes, seen = [], set()
     for block, here in sweep(cg, [SiteGroup(s) for s in hookable]):
         # last: (key, x^T x, x) for linears that read one input; holding x keeps its memory from
@@ -66,15 +54,12 @@ def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
                               cfg.symmetric, cfg.group_size, cfg.clip_ratio, cfg.clip_search, cfg.damp,
                               cfg.block_size, cfg.act_order)
             assign(weight, canonical(q, site.transposed))
-            changes.append(Change("quantized", site.module, f"{_describe(cfg)} GPTQ"))
-    for site in sites:  # inputs no hook sees: round to nearest
+            changes.append(Change("quantized", site.module, f"{describe(cfg)} GPTQ"))
+    for site in hidden:  # inputs no hook sees: round to nearest
         weight = cg.param(site.weight)
         if id(weight) in seen:
             continue
         seen.add(id(weight))
-        w = canonical(weight.detach(), site.transposed)
-        q = fake_quantize_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size) if cfg.clip_search else \
-            fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
-        assign(weight, canonical(q, site.transposed))
-        changes.append(Change("quantized", site.module, f"{_describe(cfg)} RTN (no hook sees this input)"))
+        assign(weight, canonical(round_weight(canonical(weight.detach(), site.transposed), cfg), site.transposed))
+        changes.append(Change("quantized", site.module, f"{describe(cfg)} RTN (no hook sees this input)"))
     return PassResult(tuple(changes))

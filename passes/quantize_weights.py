@@ -9,12 +9,28 @@ the packed kernels of later passes must match.
 """
 from __future__ import annotations
 
+import torch
+
 from fxquant.analysis.dataflow import linear_sites
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
-from fxquant.weights import assign
+from fxquant.weights import assign, canonical
+
+
+def round_weight(w: torch.Tensor, cfg) -> torch.Tensor:
+    """Round-to-nearest of a canonical [.., out, in] weight in `cfg`'s numerics (bits, symmetric,
+    group_size, and the clip search or clip ratio): the one definition RTN, GPTQ's fallback and QAT use."""
+    if cfg.clip_search:
+        return fake_quantize_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size)
+    return fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
+
+
+def describe(cfg) -> str:
+    """`int4 asym group 64` / `int8 sym per channel`: a weight quantizer in a Change's words."""
+    how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
+    return f"int{cfg.bits} {'sym' if cfg.symmetric else 'asym'} {how}"
 
 
 def _fitting_groups(sizes: list[int]) -> list[int]:
@@ -55,12 +71,6 @@ def quantize_weights(cg, structure, cfg: WeightQuantConfig | None) -> PassResult
         if id(weight) in seen:
             continue
         seen.add(id(weight))
-        w = weight.detach().transpose(-1, -2) if site.transposed else weight.detach()  # [.., out, in]
-        if cfg.clip_search:
-            q = fake_quantize_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size)
-        else:
-            q = fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
-        assign(weight, q.transpose(-1, -2) if site.transposed else q)
-        how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
-        changes.append(Change("quantized", site.module, f"int{cfg.bits} {'sym' if cfg.symmetric else 'asym'} {how}"))
+        assign(weight, canonical(round_weight(canonical(weight.detach(), site.transposed), cfg), site.transposed))
+        changes.append(Change("quantized", site.module, describe(cfg)))
     return PassResult(tuple(changes))

@@ -33,3 +33,15 @@ def planted_outliers(model, factor: float = 30.0):
             if name.endswith("layernorm.weight"):
                 p[:4] *= factor
     return model
+
+
+def logit_change(model, ids, recipe) -> float:
+    """Mean squared change of `model`'s logits on `ids` when `recipe` is applied to it in place."""
+    import torch
+
+    from fxquant import quantize
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        quantize(model, recipe)
+        return (model(ids).logits - ref).pow(2).mean().item()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHS
+from conftest import ARCHS, logit_change
 from fxquant import analyse, apply_recipe, capture, quantize
 from fxquant.models import tiny_model
 from fxquant.online import online_hooks
@@ -74,11 +74,7 @@ def _down_outliers():
 
 
 def _error(preset):
-    model, ids = _down_outliers(), _ids()
-    with torch.no_grad():
-        ref = model(ids).logits
-        quantize(model, preset)
-        return (model(ids).logits - ref).pow(2).mean().item()
+    return logit_change(_down_outliers(), _ids(), preset)
 
 
 def test_r4_makes_4bit_activations_more_accurate_when_down_proj_inputs_have_outliers():

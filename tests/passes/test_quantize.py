@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from conftest import logit_change
+
 from fxquant import apply_recipe, quantize
 from fxquant.capture import capture
 from fxquant.models import tiny_model
@@ -63,11 +65,7 @@ def _outlier_model():
 
 
 def _error(preset):
-    model, ids = _outlier_model(), _ids()
-    with torch.no_grad():
-        ref = model(ids).logits
-        quantize(model, preset)
-        return (model(ids).logits - ref).pow(2).mean().item()
+    return logit_change(_outlier_model(), _ids(), preset)
 
 
 def test_rotation_makes_int8_and_int4_activations_more_accurate_on_outlier_channels():
