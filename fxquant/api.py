@@ -22,8 +22,9 @@ from collections.abc import Iterable
 import torch
 
 from fxquant.capture import capture, is_causal_lm
-from fxquant.errors import CalibrationError
+from fxquant.errors import CalibrationError, RecipeError
 from fxquant.pipeline import Pipeline, PipelineResult
+from fxquant.quant.linear import QuantizedLinear
 from fxquant.recipes import load_recipe
 
 TOLERANCE = 2e-4  # float passes: max |diff| <= TOLERANCE * max |logit| on the example inputs (float32)
@@ -46,6 +47,10 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollba
     """`quantize`, returning the PipelineResult (per-pass changes and the log) instead of the model;
     `progress` shows a bar over the passes on stderr."""
     recipe = load_recipe(recipe)
+    packed = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if packed:
+        raise RecipeError(f"layer '{packed[0]}' is already packed as integer codes (QuantizedLinear), so no pass "
+                          "can edit its weight: apply recipes to the float model")
     batches = calibration_batches(calibration)
     snapshot = _Snapshot(model) if rollback else None
     try:

@@ -14,6 +14,7 @@ from fxquant.errors import RecipeError
 
 ROTATION_KINDS = ("hadamard", "random-hadamard", "random-orthogonal")  # = fxquant.hadamard.KINDS
 PRECISIONS = ("float64", "float32")
+ZERO_POINTS = ("float", "int")  # asymmetric weights: tinygemm's float zero (x = q*s + z) or an integer one
 
 
 def _one_of(owner: str, field: str, value, allowed) -> None:
@@ -65,13 +66,23 @@ class RotationConfig:
 
 @dataclass(frozen=True)
 class WeightQuantConfig:
-    """Round-to-nearest weights: `bits`, symmetric or not, per output channel or in input groups."""
+    """Round-to-nearest weights: `bits`, symmetric or not, per output channel or in input groups.
+
+    `zero_point` (asymmetric only): "float", the tinygemm / FBGEMM int4 format (codes from the group
+    min, x = (u - 2^(b-1)) * scale + zero with a float zero), or "int", an integer zero point
+    (x = (u - z) * scale, with 0 exactly representable).
+    """
 
     bits: int = 8
     symmetric: bool = True
     group_size: int | None = None  # None: one scale per output channel
     clip_ratio: float = 1.0
     clip_search: bool = False  # per group, the clip ratio in 1.0..0.5 with the least squared error
+    zero_point: str = "float"
+
+    @property
+    def float_zero(self) -> bool:
+        return not self.symmetric and self.zero_point == "float"
 
     def __post_init__(self):
         _one_of("WeightQuantConfig", "bits", self.bits, (2, 3, 4, 8))
@@ -84,6 +95,7 @@ class WeightQuantConfig:
         _one_of("WeightQuantConfig", "clip_search", self.clip_search, (True, False))
         if self.clip_search and self.clip_ratio != 1.0:
             raise RecipeError("WeightQuantConfig: give clip_ratio or clip_search=true, not both")
+        _one_of("WeightQuantConfig", "zero_point", self.zero_point, ZERO_POINTS)
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,8 @@ class KVQuantConfig:
 @dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ: the target weight quantizer (as WeightQuantConfig: bits, symmetric, group_size,
-    clip_ratio, clip_search) and the solver's dampening (fraction of mean diag H), block size of
-    lazy updates and act_order (channels by decreasing diag H)."""
+    clip_ratio, clip_search, zero_point) and the solver's dampening (fraction of mean diag H), block
+    size of lazy updates and act_order (channels by decreasing diag H)."""
 
     bits: int = 4
     symmetric: bool = False
@@ -126,10 +138,14 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    zero_point: str = "float"
+
+    float_zero = WeightQuantConfig.float_zero
 
     def __post_init__(self):
         try:
-            WeightQuantConfig(self.bits, self.symmetric, self.group_size, self.clip_ratio, self.clip_search)
+            WeightQuantConfig(self.bits, self.symmetric, self.group_size, self.clip_ratio, self.clip_search,
+                              self.zero_point)
         except RecipeError as exc:
             raise RecipeError(str(exc).replace("WeightQuantConfig", "GPTQConfig")) from None
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
@@ -172,7 +188,7 @@ class SmoothQuantConfig:
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """AWQ: the weight quantizer it protects against (bits, symmetric, group_size), the search grid
+    """AWQ: the weight quantizer it protects against (bits, symmetric, group_size, zero_point), the search grid
     over alpha in [0, 1), `duo_scaling` (s = x^a / w^(1-a); False: s = x^a; "both": try each), the
     scope (as SmoothQuantConfig), `search_tokens` (the calibration tokens each grid point's loss runs
     on: the first whole sequences holding that many; the statistics use all of them), and for awq_clip
@@ -187,9 +203,13 @@ class AWQConfig:
     max_shrink: float = 0.5
     search_tokens: int = 4096
     precision: str = "float64"
+    zero_point: str = "float"
+
+    float_zero = WeightQuantConfig.float_zero
 
     def __post_init__(self):
         _one_of("AWQConfig", "bits", self.bits, (2, 3, 4, 8))
+        _one_of("AWQConfig", "zero_point", self.zero_point, ZERO_POINTS)
         _one_of("AWQConfig", "symmetric", self.symmetric, (True, False))
         if self.group_size is not None:
             _int_in("AWQConfig", "group_size", self.group_size, 1, 2 ** 20)

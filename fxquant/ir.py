@@ -61,8 +61,11 @@ class CapturedGraph:
 
     def param(self, ref: ParamRef) -> torch.Tensor:
         """The live tensor in the model that `ref` names (edits to it edit the model)."""
-        owner = self.model.get_submodule(ref.module) if ref.module else self.model
-        return getattr(owner, ref.name)
+        return getattr(self.owner(ref), ref.name)
+
+    def owner(self, ref: ParamRef) -> torch.nn.Module:
+        """The module that holds the tensor `ref` names."""
+        return self.model.get_submodule(ref.module) if ref.module else self.model
 
     def param_of(self, node: torch.fx.Node) -> ParamRef | None:
         """The ParamRef a placeholder node reads, or None when it is not a parameter/buffer."""

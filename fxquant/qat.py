@@ -65,7 +65,7 @@ def prepare(model: torch.nn.Module, recipe, calibration=None) -> torch.nn.Module
         raise RecipeError("qat.prepare: the recipe quantizes weights more than once; keep one quantize_weights step")
     if weights:
         check_group_size(capture(model), None, weights[0] or WeightQuantConfig())  # refuse before any change
-    rest = Recipe(recipe.name, tuple((k, c) for k, c in recipe.steps if k != "quantize_weights"))
+    rest = Recipe(recipe.name, tuple((k, c) for k, c in recipe.steps if k not in ("quantize_weights", "pack")))
     if rest.steps:
         apply_recipe(model, rest, calibration)
     if weights:

@@ -30,8 +30,9 @@ _INT4_W = ("quantize_weights", {"bits": 4, "symmetric": False, "group_size": 128
 _INT8_A = ("quantize_activations", {"bits": 8})
 _INT4_A = ("quantize_activations", {"bits": 4})
 _INT4_W_SYM = ("quantize_weights", {"bits": 4, "symmetric": True})  # per output channel
-_QUANT = {"w8a8": [_INT8_W, _INT8_A], "w4a8": [_INT4_W, _INT8_A], "w4a16": [_INT4_W], "w16a4": [_INT4_A],
-          "w4a4": [_INT4_W_SYM, _INT4_A]}
+_PACK = [("pack", {})]  # the last step of every preset that quantizes weights: packed integer codes
+_QUANT = {"w8a8": [_INT8_W, _INT8_A] + _PACK, "w4a8": [_INT4_W, _INT8_A] + _PACK, "w4a16": [_INT4_W] + _PACK,
+          "w16a4": [_INT4_A], "w4a4": [_INT4_W_SYM, _INT4_A] + _PACK}
 _R4 = [("insert_online_hadamard", {})]
 _QUAROT = _ROTATE + [("rotate_qk", {})] + _R4
 _INT4_W_CHANNEL = ("quantize_weights", {"bits": 4, "symmetric": True, "clip_search": True})  # per channel
@@ -40,16 +41,16 @@ PRESETS: dict[str, list[tuple[str, dict]]] = {
     "rotate-r1r2": _ROTATE,  # norm fusion + R1 + R2, float: outputs unchanged
     "rotate-r1r2r4": _ROTATE + _R4,  # + an online Hadamard on each down_proj input, float
     "quarot-float": _QUAROT,  # R1..R4, no quantizer: for checking exactness
-    "quarot-w4a4kv4": _QUAROT + [_INT4_W_CHANNEL, _INT4_A, ("quantize_kv_cache", {"bits": 4})],
-    "quarot-w4a8": _QUAROT + [_INT4_W_CHANNEL, _INT8_A],
-    "awq-w4a16": _AWQ + [_INT4_W],  # AWQ scales + clip, then int4 asymmetric groups of 128
-    "quarot-awq-w4a16": _ROTATE + _AWQ + [_INT4_W],  # R1 + R2, then AWQ on the rotated model
-    "gptq-w4a16": [("gptq", {"bits": 4, "symmetric": False, "group_size": 128, "act_order": True})],
+    "quarot-w4a4kv4": _QUAROT + [_INT4_W_CHANNEL, _INT4_A, ("quantize_kv_cache", {"bits": 4})] + _PACK,
+    "quarot-w4a8": _QUAROT + [_INT4_W_CHANNEL, _INT8_A] + _PACK,
+    "awq-w4a16": _AWQ + [_INT4_W] + _PACK,  # AWQ scales + clip, then int4 asymmetric groups of 128
+    "quarot-awq-w4a16": _ROTATE + _AWQ + [_INT4_W] + _PACK,  # R1 + R2, then AWQ on the rotated model
+    "gptq-w4a16": [("gptq", {"bits": 4, "symmetric": False, "group_size": 128, "act_order": True})] + _PACK,
     "quarot-gptq-w4a4kv4": _QUAROT + [("gptq", {"bits": 4, "symmetric": True, "group_size": None, "clip_search": True,
                                                 "act_order": True}),
-                                      _INT4_A, ("quantize_kv_cache", {"bits": 4})],
-    "smoothquant-w8a8": [("smooth_quant", {}), _INT8_W, _INT8_A],  # alpha 0.5, then int8 weights and tokens
-    **_QUANT,  # round-to-nearest fake-quant, no rotation
+                                      _INT4_A, ("quantize_kv_cache", {"bits": 4})] + _PACK,
+    "smoothquant-w8a8": [("smooth_quant", {}), _INT8_W, _INT8_A] + _PACK,  # alpha 0.5, then int8 weights, tokens
+    **_QUANT,  # round-to-nearest, no rotation (packed when weights are quantized)
     **{f"rotate-r1r2-{name}": _ROTATE + steps for name, steps in _QUANT.items()},
     **{f"rotate-r1r2r4-{name}": _ROTATE + _R4 + steps for name, steps in _QUANT.items()},
 }
@@ -129,6 +130,10 @@ def _from_dict(data: dict, name: str | None = None) -> Recipe:
         raise RecipeError("'passes' must be a non-empty list of {'pass': key, ...fields} tables")
     overrides = {k: v for k, v in data.items() if k not in _TOP_LEVEL}
     steps = [_step(i, entry) for i, entry in enumerate(raw)]
+    packs = [i for i, (key, _) in enumerate(steps) if key == "pack"]
+    if packs and packs[0] != len(steps) - 1:
+        raise RecipeError(f"passes[{packs[0]}]: 'pack' must be the last pass (the passes after it would find no "
+                          "float weights to edit); move it to the end")
     return Recipe(str(name), tuple(_override(steps, overrides)))
 
 

@@ -4,7 +4,8 @@ Entry points: `save(model, directory, recipe=None)` and `load(directory) -> mode
 what fxquant changed beyond weight values is small and describable as data, so it is written down
 next to the transformers config and replayed on a fresh model from that config:
 
-- module swaps (a LayerNorm that became a weightless RMSNorm), from an allow-list of types;
+- module swaps (a LayerNorm that became a weightless RMSNorm, a linear packed as a QuantizedLinear
+  holding integer codes), from an allow-list of types;
 - parameters the architecture does not have (a folded LayerNorm bias in lm_head);
 - forward pre-hooks on layers (online Hadamard, activation fake-quant, explicit input scales), in order;
 - attention transforms (R3, KV-cache fake-quant).
@@ -29,7 +30,9 @@ from safetensors.torch import load_model, save_model
 from fxquant.attention import ATTR, install
 from fxquant.errors import ModelLoadError
 from fxquant.online import InputScale, OnlineHadamard
+from fxquant.passes.pack import pack_model
 from fxquant.quant.fake import ActivationFakeQuant
+from fxquant.quant.linear import QuantizedLinear
 from fxquant.weights import replace_module
 
 FORMAT = "fxquant-1"
@@ -38,7 +41,12 @@ _HOOKS = {"OnlineHadamard": OnlineHadamard, "ActivationFakeQuant": ActivationFak
 
 
 def save(model: torch.nn.Module, directory, recipe=None) -> Path:
-    """Write `model` (a transformers model fxquant transformed) to `directory`; returns the path."""
+    """Write `model` (a transformers model fxquant transformed) to `directory`; returns the path.
+
+    Quantized layers are stored as packed integer codes: a layer a recipe quantized but did not pack
+    is packed first, in place (it computes exactly what it did).
+    """
+    pack_model(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     fresh = _fresh(model.config, device="meta")
@@ -80,8 +88,9 @@ def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
         raise ModelLoadError(f"'{src / 'config.json'}' builds a {type(model).__name__}, but the weights in "
                              f"'{src / WEIGHTS}' were saved from a {meta.get('architecture')}: the config does not "
                              "belong to these weights")
+    dtype = next(p.dtype for p in model.parameters())
     for path, spec in meta["modules"].items():
-        replace_module(model, path, _build_module(path, spec))
+        replace_module(model, path, _build_module(path, spec, dtype))
     for path, shape in meta["extra_parameters"].items():
         owner, _, name = path.rpartition(".")
         model.get_submodule(owner).register_parameter(name, torch.nn.Parameter(torch.zeros(shape)))
@@ -180,16 +189,28 @@ def _swapped_modules(model, fresh) -> dict:
     fresh_modules = dict(fresh.named_modules())
     for name, module in model.named_modules():
         if name in fresh_modules and type(module) is not type(fresh_modules[name]):
+            if isinstance(module, QuantizedLinear):
+                out[name] = {"type": "QuantizedLinear", **module.spec()}
+                continue
             if not isinstance(module, torch.nn.RMSNorm) or module.weight is not None:
                 raise ModelLoadError(f"cannot save module '{name}' of type {type(module).__name__}: fxquant only "
-                                     "records the weightless RMSNorm its layernorms_to_rms pass installs")
+                                     "records the weightless RMSNorm its layernorms_to_rms pass installs and the "
+                                     "QuantizedLinear its pack pass installs")
             out[name] = {"type": "RMSNorm", "width": list(module.normalized_shape), "eps": module.eps}
     return out
 
 
-def _build_module(path: str, spec: dict) -> torch.nn.Module:
-    if spec.get("type") != "RMSNorm":
-        raise ModelLoadError(f"module '{path}': unknown saved type {spec.get('type')!r}; known: ['RMSNorm']")
+def _build_module(path: str, spec: dict, dtype: torch.dtype) -> torch.nn.Module:
+    kind = spec.get("type")
+    if kind == "QuantizedLinear":
+        fields = {k: v for k, v in spec.items() if k != "type"}
+        try:
+            return QuantizedLinear(**fields, dtype=dtype)
+        except TypeError as exc:
+            raise ModelLoadError(f"module '{path}': the saved QuantizedLinear fields {sorted(fields)} do not match "
+                                 f"this fxquant's ({exc})") from None
+    if kind != "RMSNorm":
+        raise ModelLoadError(f"module '{path}': unknown saved type {kind!r}; known: ['QuantizedLinear', 'RMSNorm']")
     return torch.nn.RMSNorm(spec["width"], eps=spec["eps"], elementwise_affine=False)
 
 

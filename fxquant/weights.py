@@ -1,6 +1,7 @@
 """The only code that edits a model's parameters: rotations, scales, centring, untying, replacement.
 
-Entry points: `rotate_in`, `rotate_out`, `scale_in`, `scale_out`, `shift_in`, `center_out`, `untie`, `assign`.
+Entry points: `rotate_in`, `rotate_out`, `scale_in`, `scale_out`, `shift_in`, `center_out`, `untie`, `assign`,
+`assign_quantized`.
 The one idea: every linear weight is handled in one canonical layout, `[..., out, in]` (y = x W^T),
 whatever its storage (Conv1D and some MoE experts store `[in, out]`: `transposed=True`; an
 embedding table `[vocab, hidden]` is a transposed linear from one-hot ids). The math runs under
@@ -121,6 +122,23 @@ def center_out(weight, bias, *, transposed=False, precision=DEFAULT_PRECISION) -
 def assign(target: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite a parameter's values in place (fake-quantized weights, folded norm weights)."""
     _write(target, value)
+
+
+QUANTIZED = "fxquant_quantized"  # module attribute: {weight name: (QuantizedWeight, transposed)}
+
+
+@torch.no_grad()
+def assign_quantized(module: torch.nn.Module, name: str, qw, transposed: bool) -> None:
+    """Give `module.name` the values of `qw` (a canonical-layout QuantizedWeight), and keep `qw` on the
+    module: the codes and scales a pack step stores, instead of re-deriving them from the values."""
+    weight = getattr(module, name)
+    _write(weight, canonical(qw.values(weight.dtype), transposed))
+    module.__dict__.setdefault(QUANTIZED, {})[name] = (qw, transposed)
+
+
+def quantized_weights(module: torch.nn.Module) -> dict:
+    """{weight name: (QuantizedWeight, transposed)} recorded on `module` by `assign_quantized`."""
+    return module.__dict__.get(QUANTIZED, {})
 
 
 def untie(module: torch.nn.Module, name: str) -> torch.nn.Parameter:

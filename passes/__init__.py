@@ -13,6 +13,7 @@ from fxquant.passes.awq import awq_clip, awq_scale
 from fxquant.passes.equalize import cross_layer_equalize, smooth_quant
 from fxquant.passes.fold_norms import fold_norms, layernorms_to_rms
 from fxquant.passes.gptq import gptq
+from fxquant.passes.pack import pack
 from fxquant.passes.online_hadamard import insert_online_hadamard, quantize_kv_cache, rotate_qk
 from fxquant.passes.quantize_activations import quantize_activations
 from fxquant.passes.quantize_weights import quantize_weights
@@ -34,4 +35,5 @@ PASSES = {
     "awq_clip": (awq_clip, AWQConfig),  # AWQ's weight-range clip search (calibrated, lossy)
     "cross_layer_equalize": (cross_layer_equalize, CLEConfig),  # balance linear -> act -> linear ranges
     "gptq": (gptq, GPTQConfig),  # GPTQ weights from calibration Hessians, block by block
+    "pack": (pack, None),  # quantized linears -> QuantizedLinear (packed codes), outputs bit-identical
 }

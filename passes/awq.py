@@ -94,7 +94,8 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
         for how, s in _candidates(x_mean.double(), w_mean, cfg):
             cols = column_scale(s, group).float()
             for (p, transposed), w in zip(params, originals):
-                q = fake_quantize(canonical(w, transposed).float() * cols, cfg.bits, cfg.symmetric, cfg.group_size)
+                q = fake_quantize(canonical(w, transposed).float() * cols, cfg.bits, cfg.symmetric, cfg.group_size,
+                                  float_zero=cfg.float_zero)
                 p.data = canonical(q / cols, transposed).to(w.dtype).contiguous()
             loss = sum(float(((main_tensor(call.run(module)).float() - ref) ** 2).sum())
                        for (call, _), ref in zip(calls, reference))
@@ -152,7 +153,7 @@ def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
     for i in range(int(cfg.max_shrink * cfg.grid) + 1):
         limit = amax * (1 - i / cfg.grid)
         q = fake_quantize(torch.clamp(wg, -limit, limit).reshape(out_f, in_f), cfg.bits, cfg.symmetric,
-                          cfg.group_size).reshape(wg.shape)
+                          cfg.group_size, float_zero=cfg.float_zero).reshape(wg.shape)
         err = ((partial(q) - reference) ** 2).mean(1).transpose(0, 1)  # [out, groups]
         better = err < best_err
         best, best_err = torch.where(better[..., None], limit, best), torch.where(better, err, best_err)

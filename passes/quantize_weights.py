@@ -5,7 +5,8 @@ representable value (int8 per output channel, or int4 in groups of input channel
 
 The output layer (lm_head) stays in float. Every layer's `in_features` is checked against
 `group_size` before any weight changes. The numerics are `fxquant.quant.numerics`, the reference
-the packed kernels of later passes must match.
+the packed kernels of later passes must match; each layer also keeps its codes and scales
+(`weights.assign_quantized`), which the `pack` pass stores as a QuantizedLinear.
 """
 from __future__ import annotations
 
@@ -15,22 +16,40 @@ from fxquant.analysis.dataflow import linear_sites
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search
-from fxquant.weights import assign, canonical
+from fxquant.quant.numerics import QuantizedWeight, qparams, qparams_clip_search, quantize, quantized_weight
+from fxquant.weights import assign_quantized, canonical
+
+
+def quantize_weight(w: torch.Tensor, cfg) -> QuantizedWeight:
+    """Round-to-nearest of a canonical [.., out, in] weight in `cfg`'s numerics (bits, symmetric,
+    group_size, zero_point, and the clip search or clip ratio), scales in w's dtype: the one
+    definition RTN, GPTQ's fallback and QAT use."""
+    numerics = dict(float_zero=cfg.float_zero, dtype=w.dtype)
+    if cfg.clip_search:
+        scale, zero = qparams_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size, **numerics)
+    else:
+        scale, zero = qparams(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio, **numerics)
+    codes = quantize(w, scale, zero, cfg.bits, cfg.symmetric, cfg.group_size, float_zero=cfg.float_zero)
+    return quantized_weight(codes, scale, zero, cfg.bits, cfg.symmetric, cfg.group_size, cfg.float_zero, w.dtype)
 
 
 def round_weight(w: torch.Tensor, cfg) -> torch.Tensor:
-    """Round-to-nearest of a canonical [.., out, in] weight in `cfg`'s numerics (bits, symmetric,
-    group_size, and the clip search or clip ratio): the one definition RTN, GPTQ's fallback and QAT use."""
-    if cfg.clip_search:
-        return fake_quantize_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size)
-    return fake_quantize(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio)
+    """The values of `quantize_weight(w, cfg)`, in w's dtype."""
+    return quantize_weight(w, cfg).values(w.dtype)
+
+
+def quantize_site(cg, site, cfg) -> None:
+    """Round `site`'s weight to nearest in place and keep its codes on the module that owns it."""
+    weight = cg.param(site.weight)
+    assign_quantized(cg.owner(site.weight), site.weight.name, quantize_weight(canonical(weight.detach(), site.transposed), cfg),
+                     site.transposed)
 
 
 def describe(cfg) -> str:
     """`int4 asym group 64` / `int8 sym per channel`: a weight quantizer in a Change's words."""
     how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
-    return f"int{cfg.bits} {'sym' if cfg.symmetric else 'asym'} {how}"
+    zero = "sym" if cfg.symmetric else ("asym float-zero" if cfg.float_zero else "asym")
+    return f"int{cfg.bits} {zero} {how}"
 
 
 def _fitting_groups(sizes: list[int]) -> list[int]:
@@ -71,6 +90,6 @@ def quantize_weights(cg, structure, cfg: WeightQuantConfig | None) -> PassResult
         if id(weight) in seen:
             continue
         seen.add(id(weight))
-        assign(weight, canonical(round_weight(canonical(weight.detach(), site.transposed), cfg), site.transposed))
+        quantize_site(cg, site, cfg)
         changes.append(Change("quantized", site.module, describe(cfg)))
     return PassResult(tuple(changes))

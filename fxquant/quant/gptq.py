@@ -2,9 +2,9 @@
 rounding error onto the channels not yet rounded, weighted by the inverse Hessian of the layer's
 inputs, so the layer's *output* error on calibration data is what gets minimised.
 
-Entry point: `gptq_quantize(weight, hessian, cfg)` -> the quantized weight (dequantized values, in
-the numerics of `fxquant.quant.numerics`, so it is exactly what `fake_quantize` would give with the
-same scales). Pure tensor math: the Hessian comes from the caller (`passes/gptq.py`).
+Entry point: `gptq_quantize(weight, hessian, bits, symmetric, ...)` -> a `QuantizedWeight` (codes,
+scales and zeros in the numerics of `fxquant.quant.numerics`: its values are exactly what
+`fake_quantize` gives with the same scales). Pure tensor math: the Hessian comes from the caller (`passes/gptq.py`).
 
 The steps: dead input channels (never active) are zeroed; the Hessian is dampened by
 `damp * mean(diag H)`; optionally channels are processed by decreasing diag H (`act_order`); the
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.numerics import qparams, qparams_clip_search, round_column
+from fxquant.quant.numerics import QuantizedWeight, qparams, qparams_clip_search, quantized_weight, round_column
 
 
 def hessian_update(hessian: torch.Tensor | None, count: int, x: torch.Tensor,
@@ -39,17 +39,19 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double()
 
 
-def _params(w, bits, symmetric, group_size, clip_ratio, clip_search):
+def _params(w, bits, symmetric, group_size, clip_ratio, clip_search, float_zero, dtype):
     if clip_search:
-        return qparams_clip_search(w, bits, symmetric, group_size)
-    return qparams(w, bits, symmetric, group_size, clip_ratio)
+        return qparams_clip_search(w, bits, symmetric, group_size, float_zero=float_zero, dtype=dtype)
+    return qparams(w, bits, symmetric, group_size, clip_ratio, float_zero=float_zero, dtype=dtype)
 
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool,
                   group_size: int | None = None, clip_ratio: float = 1.0, clip_search: bool = False,
-                  damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> torch.Tensor:
-    """GPTQ-quantize `weight` [out, in] given the input Hessian [in, in]; returns dequantized values."""
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  float_zero: bool = False) -> QuantizedWeight:
+    """GPTQ-quantize `weight` [out, in] given the input Hessian [in, in]; scales are stored in its dtype."""
+    numerics = dict(bits=bits, symmetric=symmetric, float_zero=float_zero)
     w = weight.detach().float().clone()
     out_f, in_f = w.shape
     if group_size is not None and in_f % group_size:
@@ -61,29 +63,37 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmet
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
     static = None
     if group_size is None or act_order:  # every scale fixed up front, from the original weight
-        scale, zero = _params(w, bits, symmetric, group_size, clip_ratio, clip_search)
+        scale, zero = _params(w, bits, symmetric, group_size, clip_ratio, clip_search, float_zero, weight.dtype)
         static = (scale[..., 0], None if zero is None else zero[..., 0])  # [out, groups]
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     step = block_size if group_size is None else max(group_size, block_size // group_size * group_size)
-    q = torch.zeros_like(w)
+    codes = torch.zeros_like(w)
+    groups = 1 if group_size is None else in_f // group_size
+    scales, zeros = torch.zeros(out_f, groups), torch.zeros(out_f, groups)  # as used, per original group
     scale = zero = None
     for start in range(0, in_f, step):
         end = min(start + step, in_f)
         w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out_f, end - start), hinv[start:end, start:end]
         for i in range(end - start):
             column = int(order[start + i])
+            g = 0 if group_size is None else column // group_size
             if static is not None:
-                g = 0 if group_size is None else column // group_size
                 scale, zero = static[0][:, g], None if static[1] is None else static[1][:, g]
             elif column % group_size == 0:  # a group starts: its scales from its updated weights
-                s, z = _params(w1[:, i:i + group_size], bits, symmetric, None, clip_ratio, clip_search)
+                s, z = _params(w1[:, i:i + group_size], bits, symmetric, None, clip_ratio, clip_search, float_zero,
+                               weight.dtype)
                 scale, zero = s[:, 0, 0], None if z is None else z[:, 0, 0]
-            qcol = round_column(w1[:, i], scale, zero, bits, symmetric)
-            q[:, start + i] = qcol
+            scales[:, g] = scale
+            if zero is not None:
+                zeros[:, g] = zero
+            code, qcol = round_column(w1[:, i], scale, zero, **numerics)
+            codes[:, start + i] = code
             err = (w1[:, i] - qcol) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, end:] -= err1 @ hinv[start:end, end:]
-    return q[:, torch.argsort(order)].to(weight.dtype)
+    back = torch.argsort(order)
+    return quantized_weight(codes[:, back], scales[..., None], None if symmetric else zeros[..., None],
+                            group_size=group_size, dtype=weight.dtype, **numerics)

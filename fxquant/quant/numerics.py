@@ -1,22 +1,27 @@
 """Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
 
 Entry points: `qrange`, `qparams` (+ `qparams_clip_search`), `quantize`, `dequantize`, `fake_quantize`,
-`fake_quantize_clip_search`, `round_column` (GPTQ's per-channel step). The one idea: scales are computed
-over the last dimension, whole (per output channel of a `[out, in]` weight, per token of an
-activation) or in groups of `group_size` consecutive entries; symmetric ranges are
-[-2^(b-1), 2^(b-1)-1] with scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer
-zero point. Pure tensor math: no fx, no modules.
+`fake_quantize_clip_search`, `round_column` (GPTQ's per-channel step), and `QuantizedWeight` (codes,
+scales and zeros as a packed kernel holds them). The one idea: scales are computed over the last
+dimension, whole (per output channel of a `[out, in]` weight, per token of an activation) or in
+groups of `group_size` consecutive entries; symmetric ranges are [-2^(b-1), 2^(b-1)-1] with
+scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer zero point, or (`float_zero`)
+the tinygemm format. Scales and zeros are rounded to the dtype they are stored in,
+so stored codes dequantize to exactly the fake-quant values. Pure tensor math: no fx, no modules.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
 
 
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(qmin, qmax) of a `bits`-bit integer: signed for symmetric, unsigned for asymmetric."""
-    if symmetric:
+def qrange(bits: int, symmetric: bool, float_zero: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of a `bits`-bit code: signed for symmetric (and float-zero) formats, unsigned for
+    asymmetric ones with an integer zero point."""
+    if symmetric or float_zero:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2 ** bits - 1
 
@@ -30,59 +35,101 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n // g, g)
 
 
+def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """t rounded to the dtype scales and zeros are stored in (then computed with in float32), so a
+    packed model holding them in that dtype dequantizes to exactly the fake-quant values."""
+    return t if dtype is None or dtype in (torch.float32, torch.float64) else t.to(dtype).float()
+
+
+# The float-zero format (tinygemm / FBGEMM int4): unsigned codes u = clamp(round((x - min) / scale), 0,
+# 2^b - 1) from the group min, scale = (max - min) / (2^b - 1) (at least 1e-6), re-centred to signed
+# codes q = u - 2^(b-1), with a float zero point zero = min + 2^(b-1) * scale:  x_hat = q * scale + zero.
+FLOAT_ZERO_EPS = 1e-6
+
+
 def qparams(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-            clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            clip_ratio: float = 1.0, *, float_zero: bool = False,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group (scale, zero_point) of x, shaped [..., groups, 1]; zero_point is None when symmetric.
 
     `clip_ratio` < 1 shrinks the range before rounding (clipped outliers for finer steps elsewhere).
+    `float_zero` (asymmetric only): the tinygemm / FBGEMM format (comment above). `dtype`: the dtype
+    the scales will be stored in (default x's); they are rounded to it.
     """
     g = _grouped(x.float(), group_size)
+    dtype = x.dtype if dtype is None else dtype
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         amax = g.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        return (amax / qmax).clamp_min(EPS), None
+        return _stored((amax / qmax).clamp_min(EPS), dtype), None
+    if float_zero:
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        centre = (lo + hi) / 2  # the range shrinks about its centre (it need not contain 0)
+        lo, hi = centre + (lo - centre) * clip_ratio, centre + (hi - centre) * clip_ratio
+        scale = _stored(((hi - lo) / (qmax - qmin)).clamp_min(FLOAT_ZERO_EPS), dtype)
+        return scale, _stored(lo + 2 ** (bits - 1) * scale, dtype)
     lo = g.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
     hi = g.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    scale = _stored(((hi - lo) / (qmax - qmin)).clamp_min(EPS), dtype)
     zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
     return scale, zero
 
 
-def quantize(x, scale, zero, bits: int, symmetric: bool, group_size: int | None = None) -> torch.Tensor:
-    """Integers q = clamp(round(x / scale) + zero) in x's grouped layout, flattened back to x's shape."""
+
+
+def _codes(g: torch.Tensor, scale, zero, bits: int, symmetric: bool, float_zero: bool) -> torch.Tensor:
+    """Integer codes of grouped values g ([..., groups, size]): signed for symmetric and float-zero
+    formats, unsigned (offset by the integer zero point) otherwise."""
     qmin, qmax = qrange(bits, symmetric)
-    q = torch.round(_grouped(x.float(), group_size) / scale)
+    if float_zero and not symmetric:
+        mid = 2 ** (bits - 1)  # u in [0, 2^b - 1] from the group min, then re-centred
+        return torch.round((g - (zero - mid * scale)) / scale).clamp(qmin, qmax) - mid
+    q = torch.round(g / scale)
     if zero is not None:
         q = q + zero
-    return q.clamp(qmin, qmax).reshape(x.shape)
+    return q.clamp(qmin, qmax)
 
 
-def dequantize(q, scale, zero, group_size: int | None = None, dtype=torch.float32) -> torch.Tensor:
-    """x_hat = (q - zero) * scale, in `dtype`."""
-    g = _grouped(q.float(), group_size)
-    if zero is not None:
-        g = g - zero
-    return (g * scale).reshape(q.shape).to(dtype)
+def _values(q: torch.Tensor, scale, zero, float_zero: bool) -> torch.Tensor:
+    """Grouped codes -> float32 values: q*scale, (q - zero)*scale, or q*scale + zero (float zero)."""
+    if zero is None:
+        return q * scale
+    return q * scale + zero if float_zero else (q - zero) * scale
+
+
+def quantize(x, scale, zero, bits: int, symmetric: bool, group_size: int | None = None, *,
+             float_zero: bool = False) -> torch.Tensor:
+    """Integer codes of x (as floats), in x's shape: q = clamp(round(x / scale) + zero); with
+    `float_zero`, the signed codes of the float-zero format."""
+    return _codes(_grouped(x.float(), group_size), scale, zero, bits, symmetric, float_zero).reshape(x.shape)
+
+
+def dequantize(q, scale, zero, group_size: int | None = None, dtype=torch.float32, *,
+               float_zero: bool = False) -> torch.Tensor:
+    """x_hat = (q - zero) * scale (q * scale + zero with `float_zero`), in `dtype`."""
+    return _values(_grouped(q.float(), group_size), scale, zero, float_zero).reshape(q.shape).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-                  clip_ratio: float = 1.0) -> torch.Tensor:
+                  clip_ratio: float = 1.0, *, float_zero: bool = False) -> torch.Tensor:
     """Round x to its nearest representable value (quantize then dequantize), in x's dtype."""
-    scale, zero = qparams(x, bits, symmetric, group_size, clip_ratio)
-    q = quantize(x, scale, zero, bits, symmetric, group_size)
-    return dequantize(q, scale, zero, group_size, x.dtype)
+    scale, zero = qparams(x, bits, symmetric, group_size, clip_ratio, float_zero=float_zero)
+    q = quantize(x, scale, zero, bits, symmetric, group_size, float_zero=float_zero)
+    return dequantize(q, scale, zero, group_size, x.dtype, float_zero=float_zero)
 
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
 
 
 def qparams_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-                        grid=CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        grid=CLIP_GRID, *, float_zero: bool = False,
+                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qparams with, per group, the clip ratio from `grid` whose rounding has the least squared error."""
     best = None
     for ratio in grid:
-        scale, zero = qparams(x, bits, symmetric, group_size, ratio)
-        xq = dequantize(quantize(x, scale, zero, bits, symmetric, group_size), scale, zero, group_size)
+        scale, zero = qparams(x, bits, symmetric, group_size, ratio, float_zero=float_zero, dtype=dtype)
+        xq = dequantize(quantize(x, scale, zero, bits, symmetric, group_size, float_zero=float_zero), scale, zero,
+                        group_size, float_zero=float_zero)
         err = _grouped((xq - x.float()) ** 2, group_size).sum(dim=-1, keepdim=True)
         if best is None:
             best = [err, scale, zero]
@@ -94,55 +141,51 @@ def qparams_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size:
 
 
 def fake_quantize_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-                              grid=CLIP_GRID) -> torch.Tensor:
+                              grid=CLIP_GRID, *, float_zero: bool = False) -> torch.Tensor:
     """fake_quantize with, per group, the clip ratio from `grid` that minimises the squared error.
 
     Shrinking the range clips a few outliers but rounds everything else on a finer grid; for
     Gaussian-like (rotated) weights at 4 bits the best ratio is often well below 1.
     """
-    scale, zero = qparams_clip_search(x, bits, symmetric, group_size, grid)
-    return dequantize(quantize(x, scale, zero, bits, symmetric, group_size), scale, zero, group_size, x.dtype)
+    scale, zero = qparams_clip_search(x, bits, symmetric, group_size, grid, float_zero=float_zero)
+    return dequantize(quantize(x, scale, zero, bits, symmetric, group_size, float_zero=float_zero), scale, zero,
+                      group_size, x.dtype, float_zero=float_zero)
 
 
 def round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                 symmetric: bool) -> torch.Tensor:
-    """One column [out] of a weight rounded with per-row `scale` / `zero` [out]: what GPTQ does one
-    input channel at a time, with the same numerics as `fake_quantize`."""
-    qmin, qmax = qrange(bits, symmetric)
-    q = torch.round(w / scale)
-    if zero is not None:
-        q = q + zero
-    q = q.clamp(qmin, qmax)
-    return ((q - zero) if zero is not None else q) * scale
+                 symmetric: bool, *, float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column [out] of a weight rounded with per-row `scale` / `zero` [out]: (codes, values), what
+    GPTQ does one input channel at a time, with the same numerics as `quantize` / `dequantize`."""
+    q = _codes(w.float(), scale, zero, bits, symmetric, float_zero)
+    return q, _values(q, scale, zero, float_zero)
 
 
-def qparams_float_zero(x: torch.Tensor, bits: int = 4, group_size: int | None = None,
-                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, zero) of the tinygemm / FBGEMM asymmetric int4 format: codes 0..2^b-1
-    from the group min, scale = (max - min) / (2^b - 1) (at least `eps`), and a *float* zero that
-    re-centres the codes to signed: x_hat = (q - 2^(b-1)) * scale + zero, zero = min + 2^(b-1) * scale."""
-    g = _grouped(x.float(), group_size)
-    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(eps)
-    return scale, lo + 2 ** (bits - 1) * scale
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A weight as its kernel holds it: integer `codes` [out, in] (as stored: unsigned, code - qmin, in
+    uint8), `scale` and `zero` [out, groups] in the model dtype, and the format that reads them."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    symmetric: bool
+    group_size: int | None
+    float_zero: bool
+
+    def values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight [out, in], in `dtype` (default: the scales' dtype)."""
+        q = self.codes.float() + qrange(self.bits, self.symmetric, self.float_zero)[0]
+        zero = None if self.zero is None else self.zero.float()[..., None]
+        return dequantize(q, self.scale.float()[..., None], zero, self.group_size, dtype or self.scale.dtype,
+                          float_zero=self.float_zero)
 
 
-def quantize_float_zero(x, scale, zero, bits: int = 4, group_size: int | None = None) -> torch.Tensor:
-    """Unsigned codes q = clamp(round((x - (zero - 2^(b-1) scale)) / scale), 0, 2^b - 1), in x's shape."""
-    mid = 2 ** (bits - 1)
-    q = torch.round((_grouped(x.float(), group_size) - (zero - mid * scale)) / scale)
-    return q.clamp(0, 2 ** bits - 1).reshape(x.shape)
-
-
-def dequantize_float_zero(q, scale, zero, bits: int = 4, group_size: int | None = None,
-                          dtype=torch.float32) -> torch.Tensor:
-    """x_hat = (q - 2^(b-1)) * scale + zero, in `dtype`."""
-    g = _grouped(q.float(), group_size)
-    return ((g - 2 ** (bits - 1)) * scale + zero).reshape(q.shape).to(dtype)
-
-
-def fake_quantize_float_zero(x: torch.Tensor, bits: int = 4, group_size: int | None = None) -> torch.Tensor:
-    """Round x to the tinygemm-style asymmetric grid (see `qparams_float_zero`), in x's dtype."""
-    scale, zero = qparams_float_zero(x, bits, group_size)
-    return dequantize_float_zero(quantize_float_zero(x, scale, zero, bits, group_size), scale, zero, bits,
-                                 group_size, x.dtype)
+def quantized_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                     symmetric: bool, group_size: int | None, float_zero: bool,
+                     dtype: torch.dtype) -> QuantizedWeight:
+    """Store integer codes (floats, in qrange) and [..., groups, 1] scales/zeros as a QuantizedWeight."""
+    float_zero = float_zero and not symmetric
+    qmin = qrange(bits, symmetric, float_zero)[0]
+    return QuantizedWeight((codes - qmin).to(torch.uint8), scale[..., 0].to(dtype),
+                           None if zero is None else zero[..., 0].to(dtype), bits, symmetric, group_size, float_zero)
