@@ -3,7 +3,7 @@ with a straight-through gradient, train it with any optimizer, then `convert` it
 
     model = fxquant.qat.prepare(model, "rotate-r1r2-w4a8")   # rotations folded, quantizers as fake-quant
     ...train: loss.backward(); optimizer.step()...              # latent float weights learn
-    model = fxquant.qat.convert(model)                        # weights := their quantized values
+    model = fxquant.qat.convert(model)                        # weights := their quantized values, packed
 
 `prepare` applies the recipe, except that each weight-quantizer step (`quantize_weights`) becomes a
 parametrization (`torch.nn.utils.parametrize`) on every weight that step would quantize: the module
@@ -11,7 +11,8 @@ keeps a trainable float weight and computes with `fake_quantize` of it, in the n
 `fxquant.quant.numerics` (so before any training the prepared model computes exactly what the
 post-training quantized model does). Activation and KV quantizers stay the recipe's hooks; their
 `fxquant::fake_quant` op passes gradients straight through too. `convert` bakes each
-parametrization: the weight becomes exactly what `quantize_weights` gives for the trained weight.
+parametrization: the weight becomes exactly what `quantize_weights` gives for the trained weight,
+and (by default) is packed as integer codes, as the PTQ presets' last step does.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from fxquant.api import apply_recipe
 from fxquant.capture import capture
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
-from fxquant.passes.quantize_weights import check_group_size, round_weight
+from fxquant.passes.pack import pack_model
+from fxquant.passes.quantize_weights import check_group_size, quantize_weight, round_weight
 from fxquant.recipes import Recipe, load_recipe
-from fxquant.weights import canonical
+from fxquant.weights import assign_quantized, canonical
 
 _NOT_TRAINABLE = {"gptq", "awq_clip"}  # they write final weights from calibration: nothing to train through
 
@@ -81,13 +83,22 @@ def prepare(model: torch.nn.Module, recipe, calibration=None) -> torch.nn.Module
     return model
 
 
-def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every fake-quant parametrization by its value: the quantized weights, exactly."""
+def convert(model: torch.nn.Module, pack: bool = True) -> torch.nn.Module:
+    """Replace every fake-quant parametrization by its value, the quantized weight (exactly), and
+    with `pack` store those layers as packed integer codes (`QuantizedLinear`), as PTQ presets do."""
     for module in list(model.modules()):
         for name in list(getattr(module, "parametrizations", {}) or {}):
-            if any(isinstance(p, WeightFakeQuant) for p in module.parametrizations[name]):
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            quantizers = [p for p in module.parametrizations[name] if isinstance(p, WeightFakeQuant)]
+            if not quantizers:
+                continue
+            fq = quantizers[0]
+            with torch.no_grad():
+                latent = module.parametrizations[name].original.detach()
+                qw = quantize_weight(canonical(latent, fq.transposed), fq.cfg)
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                assign_quantized(module, name, qw, fq.transposed)
+    if pack:
+        pack_model(model)
     return model
 
 

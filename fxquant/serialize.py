@@ -33,7 +33,7 @@ from fxquant.online import InputScale, OnlineHadamard
 from fxquant.passes.pack import pack_model
 from fxquant.quant.fake import ActivationFakeQuant
 from fxquant.quant.linear import QuantizedLinear
-from fxquant.weights import replace_module
+from fxquant.weights import canonical, replace_module
 
 FORMAT = "fxquant-1"
 WEIGHTS, META = "model.safetensors", "fxquant.json"
@@ -90,7 +90,9 @@ def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
                              "belong to these weights")
     dtype = next(p.dtype for p in model.parameters())
     for path, spec in meta["modules"].items():
-        replace_module(model, path, _build_module(path, spec, dtype))
+        new = _build_module(path, spec, dtype)
+        _check_replaced(model, path, new, src)
+        replace_module(model, path, new)
     for path, shape in meta["extra_parameters"].items():
         owner, _, name = path.rpartition(".")
         model.get_submodule(owner).register_parameter(name, torch.nn.Parameter(torch.zeros(shape)))
@@ -212,6 +214,22 @@ def _build_module(path: str, spec: dict, dtype: torch.dtype) -> torch.nn.Module:
     if kind != "RMSNorm":
         raise ModelLoadError(f"module '{path}': unknown saved type {kind!r}; known: ['QuantizedLinear', 'RMSNorm']")
     return torch.nn.RMSNorm(spec["width"], eps=spec["eps"], elementwise_affine=False)
+
+
+def _check_replaced(model, path: str, new: torch.nn.Module, src: Path) -> None:
+    """A packed layer must have the shape the config gives the layer it replaces."""
+    if not isinstance(new, QuantizedLinear):
+        return
+    try:
+        old = model.get_submodule(path)
+    except AttributeError:
+        raise ModelLoadError(f"'{src / META}' records a packed layer '{path}', which the model built from "
+                             f"'{src / 'config.json'}' does not have: the config does not match these weights") from None
+    shape = tuple(canonical(old.weight, new.transposed).shape)
+    if shape != (new.out_features, new.in_features):
+        raise ModelLoadError(f"packed layer '{path}' in '{src / WEIGHTS}' is {new.out_features}x{new.in_features} "
+                             f"(out x in), but '{src / 'config.json'}' builds it {shape[0]}x{shape[1]}: the config "
+                             "does not match these weights")
 
 
 def _extra_parameters(model, fresh) -> dict:

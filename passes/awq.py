@@ -8,7 +8,7 @@ search of each weight group's clipping range.
   self_attn for q/k/v, the MLP for gate/up, o_proj itself for v->o), against the float output on the
   same recorded calls. The best s is folded like any equalization scale: float outputs unchanged.
 - `awq_clip`, per quantized linear but q and k (their errors meet in q.k^T, not at their outputs):
-  per output row and input group, the shrink of max|W| in [1 - max_shrink, 1] whose quantized group
+  per output row and input group, the shrink of the range in [1 - max_shrink, 1] whose quantized group
   best reproduces the group's partial output on sampled calibration tokens; the weight is clamped
   there (lossy on purpose: the range the quantizer then sees).
 
@@ -136,9 +136,11 @@ def query_key_nodes(structure) -> set[str]:
 
 
 @torch.no_grad()
-def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
-    """Per (output row, input group) of w [out, in], the clip max in max|W| * (1 - i/grid) whose
-    quantized group best reproduces x @ W_group^T on tokens x [n, in]; shaped [out, groups, 1]."""
+def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (output row, input group) of w [out, in], the clamp range (lo, hi) whose quantized group
+    best reproduces x @ W_group^T on tokens x [n, in], each shaped [out, groups, 1]. Candidates
+    shrink the range by 1 - i/grid: [-max|W|, max|W|] for a symmetric quantizer, min and max
+    each for an asymmetric one (its grid follows min and max, not max|W|)."""
     out_f, in_f = w.shape
     g = cfg.group_size or in_f
     wg = w.float().reshape(out_f, -1, g)
@@ -148,15 +150,20 @@ def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
         return torch.bmm(xg, weights.permute(1, 2, 0))
 
     reference = partial(wg)
-    amax = wg.abs().amax(-1, keepdim=True)
-    best, best_err = amax.clone(), torch.full(amax.shape[:2], float("inf"))
+    if cfg.symmetric:
+        hi = wg.abs().amax(-1, keepdim=True)
+        lo = -hi
+    else:
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    best, best_err = (lo.clone(), hi.clone()), torch.full(hi.shape[:2], float("inf"))
     for i in range(int(cfg.max_shrink * cfg.grid) + 1):
-        limit = amax * (1 - i / cfg.grid)
-        q = fake_quantize(torch.clamp(wg, -limit, limit).reshape(out_f, in_f), cfg.bits, cfg.symmetric,
+        shrink = 1 - i / cfg.grid
+        q = fake_quantize(torch.clamp(wg, lo * shrink, hi * shrink).reshape(out_f, in_f), cfg.bits, cfg.symmetric,
                           cfg.group_size, float_zero=cfg.float_zero).reshape(wg.shape)
         err = ((partial(q) - reference) ** 2).mean(1).transpose(0, 1)  # [out, groups]
         better = err < best_err
-        best, best_err = torch.where(better[..., None], limit, best), torch.where(better, err, best_err)
+        best = tuple(torch.where(better[..., None], end * shrink, b) for end, b in zip((lo, hi), best))
+        best_err = torch.where(better, err, best_err)
     return best
 
 
@@ -177,10 +184,10 @@ def awq_clip(cg, structure, cfg: AWQConfig | None) -> PassResult:
             x = x[torch.linspace(0, len(x) - 1, min(len(x), CLIP_TOKENS)).long()]
             weight = cg.param(site.weight)
             w = canonical(weight.detach(), site.transposed)
-            limit = clip_ranges(w, x, cfg)
-            grouped = w.float().reshape(limit.shape[0], limit.shape[1], -1)
-            assign(weight, canonical(torch.clamp(grouped, -limit, limit).reshape(w.shape), site.transposed))
-            shrunk = float((limit < grouped.abs().amax(-1, keepdim=True)).float().mean())
+            lo, hi = clip_ranges(w, x, cfg)
+            grouped = w.float().reshape(lo.shape[0], lo.shape[1], -1)
+            assign(weight, canonical(torch.clamp(grouped, lo, hi).reshape(w.shape), site.transposed))
+            shrunk = float(((lo > grouped.amin(-1, keepdim=True)) | (hi < grouped.amax(-1, keepdim=True))).float().mean())
             changes.append(Change("clipped", site.module, f"{shrunk:.0%} of groups' ranges shrunk"))
     return PassResult(tuple(changes), tuple(blocked))
 

@@ -148,7 +148,7 @@ def test_cli_quantize_prints_each_pass_and_rejects_bad_fields(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert "16 rotated" in rows["rotate_residual"] and "14 quantized" in rows["quantize_weights"]
-    assert "int4 asym group 32" in rows["quantize_weights"]
+    assert "int4 asym float-zero group 32" in rows["quantize_weights"]
     assert main(["quantize", "--model", "tiny-llama", "--set", "grup=3"]) == 2
     assert "unknown field 'grup'" in capsys.readouterr().err
 

@@ -73,7 +73,10 @@ def _saved(tmp_path, arch="llama", preset="rotate-r1r2-w8a8"):
 def test_the_json_records_every_tensor_with_its_checksum_and_the_version(tmp_path):
     meta = json.loads((_saved(tmp_path) / "fxquant.json").read_text())
     assert meta["fxquant_version"] not in ("", None)
-    assert meta["tensors"]["model.layers.0.self_attn.q_proj.weight"]["shape"] == [64, 64]
+    assert meta["tensors"]["model.layers.0.self_attn.q_proj.codes"] | {"crc32": 0} == {  # packed int8
+        "shape": [64, 64], "dtype": "uint8", "crc32": 0}
+    assert meta["tensors"]["model.layers.0.self_attn.q_proj.scale"]["shape"] == [64, 1]
+    assert meta["modules"]["model.layers.0.self_attn.q_proj"]["type"] == "QuantizedLinear"
     assert all(set(r) == {"shape", "dtype", "crc32"} for r in meta["tensors"].values())
 
 
@@ -101,8 +104,12 @@ def test_weights_with_a_config_of_another_model_are_refused(tmp_path):
         load(llama)
     other = tiny_model("llama", intermediate_size=96)
     other.config.save_pretrained(llama)
-    with pytest.raises(ModelLoadError, match=r"tensor 'model\.layers\.0\.mlp\..+' in .+ has shape .+ expects"):
+    with pytest.raises(ModelLoadError, match=r"packed layer 'model\.layers\.0\.mlp\..+' in .+ is \d+x\d+ .+ builds it"):
         load(llama)
+    float_dir = _saved(tmp_path, "llama", "rotate-r1r2")  # no packed layers: the tensor shapes say it
+    other.config.save_pretrained(float_dir)
+    with pytest.raises(ModelLoadError, match=r"tensor 'model\.layers\.0\.mlp\..+' in .+ has shape .+ expects"):
+        load(float_dir)
 
 
 def test_a_damaged_json_is_refused(tmp_path):

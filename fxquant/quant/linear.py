@@ -90,6 +90,13 @@ class QuantizedLinear(torch.nn.Module):
         return _weight(self.codes, self.scale, self.zero, self.bits, self.symmetric, self.group_size or 0,
                        self.float_zero, self.in_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the replaced layer's storage layout ([in, out] for a Conv1D): a
+        read-only copy, for code that inspects `layer.weight`; the codes are what the layer stores."""
+        w = self.weight_values()
+        return w.t().contiguous() if self.transposed else w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.fxquant.quantized_linear(x, self.codes, self.scale, self.zero, self.bias, self.bits,
                                                   self.symmetric, self.group_size or 0, self.float_zero,

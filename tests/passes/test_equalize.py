@@ -195,12 +195,13 @@ def _block_output(model, ids):
     return seen[0]
 
 
-def test_awq_clip_shrinks_ranges_and_lowers_the_quantized_output_error():
+@pytest.mark.parametrize("bits,zero_point", [(3, "int"), (4, "float")])
+def test_awq_clip_shrinks_ranges_and_lowers_the_quantized_output_error(bits, zero_point):
     ids, calibration = _ids(seed=98, n=4, length=16), _calibration(8)
     reference_model = tiny_model("llama")
     with torch.no_grad():
         reference = reference_model(ids, use_cache=False).logits
-    w3 = {"bits": 3, "symmetric": False, "group_size": 16}
+    w3 = {"bits": bits, "symmetric": False, "group_size": 16, "zero_point": zero_point}
     plain = quantize(tiny_model("llama"), {"passes": [{"pass": "quantize_weights", **w3}]})
     model = tiny_model("llama")
     result = apply_recipe(model, {"passes": [{"pass": "awq_clip", **w3}, {"pass": "quantize_weights", **w3}]},

@@ -83,18 +83,21 @@ def test_dead_input_channels_are_zeroed():
     assert torch.all(q[:, 5] == 0)
 
 
+@pytest.mark.parametrize("zero_point", ["float", "int"])
 @pytest.mark.parametrize("rotations", [[], ["fold_norms", "rotate_residual", "rotate_vo", "insert_online_hadamard"]])
-def test_the_gptq_pass_beats_round_to_nearest_with_and_without_rotations(rotations):
+def test_the_gptq_pass_beats_round_to_nearest_with_and_without_rotations(rotations, zero_point):
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(99))
     calibration = [torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     with torch.no_grad():
         reference = planted_outliers(tiny_model("llama"))(ids).logits
-    w4 = {"bits": 4, "symmetric": False, "group_size": 16}
+    w4 = {"bits": 4, "symmetric": False, "group_size": 16, "zero_point": zero_point}
     first = [{"pass": p} for p in rotations]
     rtn = quantize(planted_outliers(tiny_model("llama")), {"passes": first + [{"pass": "quantize_weights", **w4}]})
     model = planted_outliers(tiny_model("llama"))
-    result = apply_recipe(model, {"passes": first + [{"pass": "gptq", **w4}]}, calibration=calibration)
-    assert [c.detail for c in result.results["gptq"].changes] == ["int4 asym float-zero group 16 GPTQ"] * 14
+    result = apply_recipe(model, {"passes": first + [{"pass": "gptq", **w4, "act_order": True}]},
+                          calibration=calibration)
+    how = "asym float-zero" if zero_point == "float" else "asym"
+    assert [c.detail for c in result.results["gptq"].changes] == [f"int4 {how} group 16 GPTQ"] * 14
     with torch.no_grad():
         assert float(((model(ids).logits - reference) ** 2).mean()) < 0.8 * float(((rtn(ids).logits - reference) ** 2).mean())
 
