@@ -123,12 +123,13 @@ def _quantize(args) -> int:
         after = _quick_ppl(model, tokenizer, args.eval_windows)
         print(f"perplexity on the last {args.eval_windows} eval windows: {before:.3f} -> {after:.3f}")
     if args.out:
-        from fxquant.serialize import save
+        from fxquant.serialize import WEIGHTS, save
 
-        save(model, args.out, recipe=recipe)
+        out = save(model, args.out, recipe=recipe)
         if tokenizer is not None:
             tokenizer.save_pretrained(args.out)
-        print(f"saved to {args.out} (fxquant eval --model {args.out})")
+        size = (out / WEIGHTS).stat().st_size / 2 ** 20
+        print(f"saved to {args.out}: {WEIGHTS} {size:.1f} MiB (fxquant eval --model {args.out})")
     return 0
 
 

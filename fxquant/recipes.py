@@ -36,16 +36,21 @@ _QUANT = {"w8a8": [_INT8_W, _INT8_A] + _PACK, "w4a8": [_INT4_W, _INT8_A] + _PACK
 _R4 = [("insert_online_hadamard", {})]
 _QUAROT = _ROTATE + [("rotate_qk", {})] + _R4
 _INT4_W_CHANNEL = ("quantize_weights", {"bits": 4, "symmetric": True, "clip_search": True})  # per channel
-_AWQ = [("awq_scale", {}), ("awq_clip", {})]  # AWQConfig defaults: int4 asymmetric, groups of 128
+# AWQ and GPTQ checkpoints run on kernels with integer zero points (AutoAWQ's GEMM, ExLlama, Marlin),
+# and on SmolLM2 they are the better grid (docs/BENCHMARKS.md); plain RTN presets use tinygemm's float zero
+_INT_ZERO = {"zero_point": "int"}
+_AWQ = [("awq_scale", _INT_ZERO), ("awq_clip", _INT_ZERO)]  # int4 asymmetric, groups of 128
+_INT4_W_INT_ZERO = ("quantize_weights", {**_INT4_W[1], **_INT_ZERO})
 PRESETS: dict[str, list[tuple[str, dict]]] = {
     "rotate-r1r2": _ROTATE,  # norm fusion + R1 + R2, float: outputs unchanged
     "rotate-r1r2r4": _ROTATE + _R4,  # + an online Hadamard on each down_proj input, float
     "quarot-float": _QUAROT,  # R1..R4, no quantizer: for checking exactness
     "quarot-w4a4kv4": _QUAROT + [_INT4_W_CHANNEL, _INT4_A, ("quantize_kv_cache", {"bits": 4})] + _PACK,
     "quarot-w4a8": _QUAROT + [_INT4_W_CHANNEL, _INT8_A] + _PACK,
-    "awq-w4a16": _AWQ + [_INT4_W] + _PACK,  # AWQ scales + clip, then int4 asymmetric groups of 128
-    "quarot-awq-w4a16": _ROTATE + _AWQ + [_INT4_W] + _PACK,  # R1 + R2, then AWQ on the rotated model
-    "gptq-w4a16": [("gptq", {"bits": 4, "symmetric": False, "group_size": 128, "act_order": True})] + _PACK,
+    "awq-w4a16": _AWQ + [_INT4_W_INT_ZERO] + _PACK,  # AWQ scales + clip, then int4 asymmetric groups of 128
+    "quarot-awq-w4a16": _ROTATE + _AWQ + [_INT4_W_INT_ZERO] + _PACK,  # R1 + R2, then AWQ on the rotated model
+    "gptq-w4a16": [("gptq", {"bits": 4, "symmetric": False, "group_size": 128, "act_order": True, **_INT_ZERO})]
+    + _PACK,
     "quarot-gptq-w4a4kv4": _QUAROT + [("gptq", {"bits": 4, "symmetric": True, "group_size": None, "clip_search": True,
                                                 "act_order": True}),
                                       _INT4_A, ("quantize_kv_cache", {"bits": 4})] + _PACK,

@@ -131,6 +131,8 @@ class Blocked:
     reason: str
 
     def __str__(self) -> str:
+        if not self.node:  # a module-level refusal (pack works on modules, not nodes)
+            return f"module '{self.module}': {self.reason}"
         where = f" in module '{self.module}'" if self.module else ""
         return f"node '{self.node}'{where}: {self.reason}"
 

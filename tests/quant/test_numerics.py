@@ -11,17 +11,39 @@ def test_ranges():
     assert qrange(8, True) == (-128, 127) and qrange(4, False) == (0, 15) and qrange(4, True) == (-8, 7)
 
 
-@pytest.mark.parametrize("bits,symmetric,group", [(8, True, None), (4, False, 16), (4, True, 32), (8, False, None)])
-def test_error_is_at_most_half_a_step_and_values_are_on_the_grid(bits, symmetric, group):
-    x = torch.randn(6, 64) * torch.linspace(0.1, 5, 64)
-    scale, zero = qparams(x, bits, symmetric, group)
-    q = quantize(x, scale, zero, bits, symmetric, group)
-    lo, hi = qrange(bits, symmetric)
+@pytest.mark.parametrize("bits,symmetric,group,float_zero", [
+    (8, True, None, False), (4, False, 16, False), (4, True, 32, False), (8, False, None, False),
+    (4, False, 32, True), (4, False, 64, True), (4, False, 128, True), (8, False, None, True), (3, False, 32, True),
+])
+def test_error_is_at_most_half_a_step_and_values_are_on_the_grid(bits, symmetric, group, float_zero):
+    x = torch.randn(6, 128) * torch.linspace(0.1, 5, 128)
+    scale, zero = qparams(x, bits, symmetric, group, float_zero=float_zero)
+    q = quantize(x, scale, zero, bits, symmetric, group, float_zero=float_zero)
+    lo, hi = qrange(bits, symmetric, float_zero)
     assert torch.equal(q, q.round()) and q.min() >= lo and q.max() <= hi
-    xq = dequantize(q, scale, zero, group)
-    step = scale.expand(*scale.shape[:-1], group or 64).reshape(x.shape)
-    assert ((xq - x).abs() <= step / 2 + 1e-6).all()
-    torch.testing.assert_close(fake_quantize(xq, bits, symmetric, group), xq)  # idempotent
+    xq = dequantize(q, scale, zero, group, float_zero=float_zero)
+    step = scale.expand(*scale.shape[:-1], group or 128).reshape(x.shape)
+    assert ((xq - x).abs() <= step / 2 + 1e-5).all()
+    torch.testing.assert_close(fake_quantize(xq, bits, symmetric, group, float_zero=float_zero), xq)  # idempotent
+
+
+def test_float_zero_grid_spans_each_group_min_to_max_and_int_zero_keeps_zero_exact():
+    x = torch.rand(3, 32) + 1.0  # all positive: the float-zero grid starts at the min, not at 0
+    scale, zero = qparams(x, 4, False, float_zero=True)
+    torch.testing.assert_close(scale.flatten(), (x.amax(-1) - x.amin(-1)) / 15)
+    xq = fake_quantize(x, 4, False, float_zero=True)
+    torch.testing.assert_close(xq.amin(-1), x.amin(-1))
+    torch.testing.assert_close(xq.amax(-1), x.amax(-1))
+    y = torch.randn(3, 32)
+    y[:, 5] = 0.0
+    assert (fake_quantize(y, 4, False)[:, 5] == 0).all()  # the integer zero point represents 0 exactly
+
+
+def test_scales_are_rounded_to_the_dtype_they_are_stored_in():
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    scale, zero = qparams(x, 4, False, 32, float_zero=True)
+    assert scale.dtype == torch.float32 and torch.equal(scale, scale.to(torch.bfloat16).float())
+    assert torch.equal(zero, zero.to(torch.bfloat16).float())
 
 
 def test_groups_have_at_most_two_to_the_bits_levels():
