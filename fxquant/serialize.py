@@ -83,12 +83,12 @@ def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
     if meta.get("format") != FORMAT:
         raise ModelLoadError(f"'{src / META}' has format {meta.get('format')!r}; this fxquant reads {FORMAT!r}")
     _check_tensors(src / WEIGHTS, meta.get("tensors"))
-    model = _fresh(AutoConfig.from_pretrained(src), dtype=dtype or _saved_dtype(src / WEIGHTS))
+    dtype = dtype or _saved_dtype(src / WEIGHTS)
+    model = _fresh(AutoConfig.from_pretrained(src), dtype=dtype)
     if type(model).__name__ != meta.get("architecture"):
         raise ModelLoadError(f"'{src / 'config.json'}' builds a {type(model).__name__}, but the weights in "
                              f"'{src / WEIGHTS}' were saved from a {meta.get('architecture')}: the config does not "
                              "belong to these weights")
-    dtype = next(p.dtype for p in model.parameters())
     for path, spec in meta["modules"].items():
         new = _build_module(path, spec, dtype)
         _check_replaced(model, path, new, src)

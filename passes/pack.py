@@ -11,6 +11,8 @@ float weights to edit.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from fxquant.analysis.structure import Blocked
@@ -51,14 +53,13 @@ def pack_module(path: str, module: torch.nn.Module) -> QuantizedLinear:
     """The QuantizedLinear that computes exactly what the fake-quant `module` at `path` computes."""
     qw, transposed = quantized_weights(module)["weight"]
     weight = module.weight.detach()
-    if not torch.equal(canonical(qw.values(weight.dtype).to(weight.device), transposed), weight):
+    qw = dataclasses.replace(qw, codes=qw.codes.to(weight.device), scale=qw.scale.to(weight.device),
+                             zero=None if qw.zero is None else qw.zero.to(weight.device))
+    if not torch.equal(canonical(qw.values(weight.dtype), transposed), weight):
         raise PassError(f"pack: the weight of '{path}' is not the quantized weight recorded for it: a pass changed it "
                         "after quantization. Put weight quantization (quantize_weights / gptq) after every pass "
                         "that edits weights")
-    device = weight.device
-    moved = type(qw)(qw.codes.to(device), qw.scale.to(device), None if qw.zero is None else qw.zero.to(device),
-                     qw.bits, qw.symmetric, qw.group_size, qw.float_zero)
-    return _moved(module, QuantizedLinear.from_weight(moved, module.bias, transposed))
+    return _moved(module, QuantizedLinear.from_weight(qw, module.bias, transposed))
 
 
 def pack_model(model: torch.nn.Module) -> tuple[list[Change], list[Blocked]]:

@@ -16,7 +16,7 @@ from fxquant.analysis.dataflow import linear_sites
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.numerics import QuantizedWeight, qparams, qparams_clip_search, quantize, quantized_weight
+from fxquant.quant.numerics import QuantizedWeight, describe_format, quantize, quantized_weight, weight_qparams
 from fxquant.weights import assign_quantized, canonical
 
 
@@ -24,11 +24,8 @@ def quantize_weight(w: torch.Tensor, cfg) -> QuantizedWeight:
     """Round-to-nearest of a canonical [.., out, in] weight in `cfg`'s numerics (bits, symmetric,
     group_size, zero_point, and the clip search or clip ratio), scales in w's dtype: the one
     definition RTN, GPTQ's fallback and QAT use."""
-    numerics = dict(float_zero=cfg.float_zero, dtype=w.dtype)
-    if cfg.clip_search:
-        scale, zero = qparams_clip_search(w, cfg.bits, cfg.symmetric, cfg.group_size, **numerics)
-    else:
-        scale, zero = qparams(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio, **numerics)
+    scale, zero = weight_qparams(w, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio, cfg.clip_search,
+                                 float_zero=cfg.float_zero, dtype=w.dtype)
     codes = quantize(w, scale, zero, cfg.bits, cfg.symmetric, cfg.group_size, float_zero=cfg.float_zero)
     return quantized_weight(codes, scale, zero, cfg.bits, cfg.symmetric, cfg.group_size, cfg.float_zero, w.dtype)
 
@@ -47,9 +44,7 @@ def quantize_site(cg, site, cfg) -> None:
 
 def describe(cfg) -> str:
     """`int4 asym group 64` / `int8 sym per channel`: a weight quantizer in a Change's words."""
-    how = f"group {cfg.group_size}" if cfg.group_size else "per channel"
-    zero = "sym" if cfg.symmetric else ("asym float-zero" if cfg.float_zero else "asym")
-    return f"int{cfg.bits} {zero} {how}"
+    return describe_format(cfg.bits, cfg.symmetric, cfg.group_size, cfg.float_zero)
 
 
 def _fitting_groups(sizes: list[int]) -> list[int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.numerics import QuantizedWeight, qparams, qparams_clip_search, quantized_weight, round_column
+from fxquant.quant.numerics import QuantizedWeight, quantized_weight, round_column, weight_qparams
 
 
 def hessian_update(hessian: torch.Tensor | None, count: int, x: torch.Tensor,
@@ -39,12 +39,6 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double()
 
 
-def _params(w, bits, symmetric, group_size, clip_ratio, clip_search, float_zero, dtype):
-    if clip_search:
-        return qparams_clip_search(w, bits, symmetric, group_size, float_zero=float_zero, dtype=dtype)
-    return qparams(w, bits, symmetric, group_size, clip_ratio, float_zero=float_zero, dtype=dtype)
-
-
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool,
                   group_size: int | None = None, clip_ratio: float = 1.0, clip_search: bool = False,
@@ -52,6 +46,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmet
                   float_zero: bool = False) -> QuantizedWeight:
     """GPTQ-quantize `weight` [out, in] given the input Hessian [in, in]; scales are stored in its dtype."""
     numerics = dict(bits=bits, symmetric=symmetric, float_zero=float_zero)
+    grid = dict(clip_ratio=clip_ratio, clip_search=clip_search, float_zero=float_zero, dtype=weight.dtype)
     w = weight.detach().float().clone()
     out_f, in_f = w.shape
     if group_size is not None and in_f % group_size:
@@ -63,7 +58,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmet
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
     static = None
     if group_size is None or act_order:  # every scale fixed up front, from the original weight
-        scale, zero = _params(w, bits, symmetric, group_size, clip_ratio, clip_search, float_zero, weight.dtype)
+        scale, zero = weight_qparams(w, bits, symmetric, group_size, **grid)
         static = (scale[..., 0], None if zero is None else zero[..., 0])  # [out, groups]
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype)
@@ -82,8 +77,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, symmet
             if static is not None:
                 scale, zero = static[0][:, g], None if static[1] is None else static[1][:, g]
             elif column % group_size == 0:  # a group starts: its scales from its updated weights
-                s, z = _params(w1[:, i:i + group_size], bits, symmetric, None, clip_ratio, clip_search, float_zero,
-                               weight.dtype)
+                s, z = weight_qparams(w1[:, i:i + group_size], bits, symmetric, None, **grid)
                 scale, zero = s[:, 0, 0], None if z is None else z[:, 0, 0]
             scales[:, g] = scale
             if zero is not None:

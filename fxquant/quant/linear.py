@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.numerics import QuantizedWeight
+from fxquant.quant.numerics import QuantizedWeight, describe_format
 from fxquant.quant.packed import pack_int4, unpack_int4
 
 
@@ -104,9 +104,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def describe(self) -> str:
         """`int4 asym float-zero group 64`: the storage format in words."""
-        how = f"group {self.group_size}" if self.group_size else "per channel"
-        zero = "sym" if self.symmetric else ("asym float-zero" if self.float_zero else "asym")
-        return f"int{self.bits} {zero} {how}"
+        return describe_format(self.bits, self.symmetric, self.group_size, self.float_zero)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.describe()}, bias={self.bias is not None}"

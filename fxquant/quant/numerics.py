@@ -1,12 +1,13 @@
 """Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
 
-Entry points: `qrange`, `qparams` (+ `qparams_clip_search`), `quantize`, `dequantize`, `fake_quantize`,
-`fake_quantize_clip_search`, `round_column` (GPTQ's per-channel step), and `QuantizedWeight` (codes,
-scales and zeros as a packed kernel holds them). The one idea: scales are computed over the last
-dimension, whole (per output channel of a `[out, in]` weight, per token of an activation) or in
-groups of `group_size` consecutive entries; symmetric ranges are [-2^(b-1), 2^(b-1)-1] with
-scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer zero point, or (`float_zero`)
-the tinygemm format. Scales and zeros are rounded to the dtype they are stored in,
+Entry points: `qrange`, `qparams` (+ `qparams_clip_search`, `weight_qparams`), `quantize`,
+`dequantize`, `fake_quantize`, `fake_quantize_clip_search`, `round_column` (GPTQ's per-channel
+step), and `QuantizedWeight` (codes, scales and zeros as a packed kernel holds them;
+`describe_format` names the format). The one idea: scales are computed over the last dimension,
+whole (per output channel of a `[out, in]` weight, per token of an activation) or in groups of
+`group_size` consecutive entries; symmetric ranges are [-2^(b-1), 2^(b-1)-1] with
+scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer zero point, or
+(`float_zero`) the tinygemm format. Scales and zeros are rounded to the dtype they are stored in,
 so stored codes dequantize to exactly the fake-quant values. Pure tensor math: no fx, no modules.
 """
 from __future__ import annotations
@@ -75,8 +76,6 @@ def qparams(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None 
     return scale, zero
 
 
-
-
 def _codes(g: torch.Tensor, scale, zero, bits: int, symmetric: bool, float_zero: bool) -> torch.Tensor:
     """Integer codes of grouped values g ([..., groups, size]): signed for symmetric and float-zero
     formats, unsigned (offset by the integer zero point) otherwise."""
@@ -138,6 +137,22 @@ def qparams_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size:
         best = [torch.minimum(err, best[0]), torch.where(better, scale, best[1]),
                 None if zero is None else torch.where(better, zero, best[2])]
     return best[1], best[2]
+
+
+def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+                   clip_ratio: float = 1.0, clip_search: bool = False, *, float_zero: bool = False,
+                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A weight quantizer's (scale, zero): per group the searched clip ratio, or the fixed `clip_ratio`."""
+    if clip_search:
+        return qparams_clip_search(w, bits, symmetric, group_size, float_zero=float_zero, dtype=dtype)
+    return qparams(w, bits, symmetric, group_size, clip_ratio, float_zero=float_zero, dtype=dtype)
+
+
+def describe_format(bits: int, symmetric: bool, group_size: int | None, float_zero: bool) -> str:
+    """`int4 asym float-zero group 64` / `int8 sym per channel`: a weight format in words."""
+    how = f"group {group_size}" if group_size else "per channel"
+    zero = "sym" if symmetric else ("asym float-zero" if float_zero else "asym")
+    return f"int{bits} {zero} {how}"
 
 
 def fake_quantize_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
