@@ -198,12 +198,10 @@ def _load_for_eval(spec: str):
     from fxquant.models import load_model
 
     if (Path(spec) / "fxquant.json").is_file():
-        from transformers import AutoTokenizer
+        from fxquant.serialize import load, load_tokenizer
 
-        from fxquant.serialize import load
-
-        has_tokenizer = any((Path(spec) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        return load(spec), AutoTokenizer.from_pretrained(spec) if has_tokenizer else None
+        tokenizer = load_tokenizer(spec)  # None without tokenizer files; a damaged one is refused by name
+        return load(spec), tokenizer
     return load_model(spec)
 
 

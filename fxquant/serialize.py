@@ -13,7 +13,9 @@ next to the transformers config and replayed on a fresh model from that config:
 The weights are then loaded strictly (every key must match), so a loaded model computes exactly
 what the saved one did, with no calibration data. The JSON also records each tensor's shape, dtype
 and CRC-32 as written, so a truncated, corrupted or mismatched file is refused with an error that
-names the file and the tensor, before any weight is used. Nothing is ever unpickled.
+names the file and the tensor, before any weight is used. The other files (config.json,
+generation_config.json, the tokenizer's JSON files) are parsed and checked first too, so every
+damaged file is refused by name. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ from fxquant.weights import canonical, replace_module
 
 FORMAT = "fxquant-1"
 WEIGHTS, META = "model.safetensors", "fxquant.json"
+CONFIG, GENERATION = "config.json", "generation_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_SAVE_AGAIN = "the directory is damaged: save the model again with fxquant.save"
+_FXQUANT_DIR = "fxquant.load takes the directory fxquant.save (or `fxquant quantize --out`) wrote"
 _HOOKS = {"OnlineHadamard": OnlineHadamard, "ActivationFakeQuant": ActivationFakeQuant, "InputScale": InputScale}
 
 
@@ -48,7 +54,6 @@ def save(model: torch.nn.Module, directory, recipe=None) -> Path:
     """
     pack_model(model)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     fresh = _fresh(model.config, device="meta")
     meta = {
         "format": FORMAT,
@@ -60,6 +65,8 @@ def save(model: torch.nn.Module, directory, recipe=None) -> Path:
         "attention": {name: dataclasses.asdict(getattr(m, ATTR)) for name, m in model.named_modules()
                       if getattr(m, ATTR, None) is not None},
     }
+    _save_generation_config(model, out)
+    out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
     save_model(model, str(out / WEIGHTS), metadata={"format": FORMAT})  # ties stored once
     meta["fxquant_version"] = _version()
@@ -69,24 +76,22 @@ def save(model: torch.nn.Module, directory, recipe=None) -> Path:
 
 
 def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Rebuild a model saved by `save`: config -> fresh model -> replayed edits -> strict weights."""
-    from transformers import AutoConfig
+    """Rebuild a model saved by `save`: config -> fresh model -> replayed edits -> strict weights.
 
+    Every file is checked before any weight is used; a damaged one raises ModelLoadError naming it.
+    """
     src = Path(directory)
-    if not (src / META).is_file():
-        raise ModelLoadError(f"'{src}' has no {META}: it was not written by fxquant.save")
-    try:
-        meta = json.loads((src / META).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"'{src / META}' is not valid JSON ({exc}); the directory is damaged: save it again") \
-            from None
-    if meta.get("format") != FORMAT:
-        raise ModelLoadError(f"'{src / META}' has format {meta.get('format')!r}; this fxquant reads {FORMAT!r}")
+    meta = _read_meta(src)
+    config = _read_config(src)
+    generation = _read_generation_config(src)
+    _check_tokenizer_files(src)
     _check_tensors(src / WEIGHTS, meta.get("tensors"))
     dtype = dtype or _saved_dtype(src / WEIGHTS)
-    model = _fresh(AutoConfig.from_pretrained(src), dtype=dtype)
+    model = _fresh(config, dtype=dtype)
+    if generation is not None:
+        model.generation_config = generation
     if type(model).__name__ != meta.get("architecture"):
-        raise ModelLoadError(f"'{src / 'config.json'}' builds a {type(model).__name__}, but the weights in "
+        raise ModelLoadError(f"'{src / CONFIG}' builds a {type(model).__name__}, but the weights in "
                              f"'{src / WEIGHTS}' were saved from a {meta.get('architecture')}: the config does not "
                              "belong to these weights")
     for path, spec in meta["modules"].items():
@@ -104,6 +109,117 @@ def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
     for path, fields in meta["attention"].items():
         install(model, model.get_submodule(path), **fields)
     return model.eval()
+
+
+def load_tokenizer(directory):
+    """The tokenizer saved in `directory` (by `tokenizer.save_pretrained`), or None when it has none.
+
+    Example::
+
+        model, tokenizer = fxquant.load("out"), fxquant.serialize.load_tokenizer("out")
+    """
+    from transformers import AutoTokenizer
+
+    src = Path(directory)
+    if not src.is_dir():
+        raise ModelLoadError(f"'{src}' is not a directory, so it holds no tokenizer: pass the directory the "
+                             "tokenizer was saved to")
+    present = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if not {"tokenizer.json", "tokenizer_config.json"} & set(present):
+        return None
+    _check_tokenizer_files(src)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as exc:  # tokenizers raises a plain Exception for a malformed tokenizer.json, and transformers
+        # OSError, ValueError, KeyError or TypeError for the rest: all mean the saved tokenizer is damaged
+        raise ModelLoadError(f"the tokenizer in '{src}' ({', '.join(present)}) is rejected by transformers' "
+                             f"AutoTokenizer ({type(exc).__name__}: {exc}): save the tokenizer again with "
+                             "tokenizer.save_pretrained") from None
+
+
+def _read_meta(src: Path) -> dict:
+    """fxquant.json of a directory fxquant.save wrote; anything else is refused saying what it is."""
+    if not src.exists():
+        raise ModelLoadError(f"'{src}' does not exist: {_FXQUANT_DIR}; check the path")
+    if not src.is_dir():
+        raise ModelLoadError(f"'{src}' is a file, not a directory: {_FXQUANT_DIR}; load a single model file "
+                             "(.gguf) with fxquant.models.load_model")
+    if not (src / META).is_file():
+        hint = (f"it has a {CONFIG}, so it looks like a plain transformers directory: load it with "
+                "fxquant.models.load_model or transformers' AutoModelForCausalLM.from_pretrained"
+                if (src / CONFIG).is_file() else _FXQUANT_DIR)
+        raise ModelLoadError(f"'{src}' has no {META}: it was not written by fxquant.save; {hint}")
+    meta = _json_object(src / META, _SAVE_AGAIN)
+    if meta.get("format") != FORMAT:
+        raise ModelLoadError(f"'{src / META}' has format {meta.get('format')!r}; this fxquant reads {FORMAT!r}")
+    return meta
+
+
+def _read_config(src: Path):
+    """The transformers config in config.json, refused by name when missing, damaged or rejected."""
+    from transformers import AutoConfig
+
+    path = src / CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"'{path}' is missing: without it the architecture cannot be rebuilt; {_SAVE_AGAIN}")
+    if "model_type" not in _json_object(path, _SAVE_AGAIN):
+        raise ModelLoadError(f"'{path}' has no 'model_type', so transformers cannot tell which architecture to "
+                             f"build; {_SAVE_AGAIN}")
+    try:
+        return AutoConfig.from_pretrained(src)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError or TypeError for a config it rejects
+        raise ModelLoadError(f"'{path}' is rejected by transformers' AutoConfig ({type(exc).__name__}: {exc}); "
+                             f"{_SAVE_AGAIN} (or use the transformers version that saved it)") from None
+
+
+def _read_generation_config(src: Path):
+    """The GenerationConfig in generation_config.json, or None when the model was saved without one."""
+    from transformers import GenerationConfig
+
+    path = src / GENERATION
+    if not path.exists():
+        return None
+    fix = f"save the model again, or delete the file to generate with the defaults from {CONFIG}"
+    _json_object(path, fix)
+    try:
+        return GenerationConfig.from_pretrained(src)
+    except Exception as exc:  # transformers raises ValueError, TypeError or AttributeError for a value it rejects
+        raise ModelLoadError(f"'{path}' is rejected by transformers' GenerationConfig "
+                             f"({type(exc).__name__}: {exc}); {fix}") from None
+
+
+def _save_generation_config(model, out: Path) -> None:
+    """Write the model's generation config (validated before anything is written), or drop a stale one."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None:
+        (out / GENERATION).unlink(missing_ok=True)  # from an earlier save into the same directory
+        return
+    try:
+        generation.save_pretrained(out)  # validates first; creates `out`
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot save model.generation_config: transformers rejects it ({exc}); fix it, or set "
+                             "it to None to save without one") from None
+
+
+def _check_tokenizer_files(src: Path) -> None:
+    """The tokenizer's JSON files present must parse as JSON objects (cheap; the tokenizer is not built)."""
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            _json_object(src / name, "save the tokenizer again with tokenizer.save_pretrained")
+
+
+def _json_object(path: Path, fix: str) -> dict:
+    """The JSON object in `path`; an unreadable, truncated or non-object file is refused by name."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"'{path}' is not valid JSON (truncated or damaged: {exc}); {fix}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"'{path}' cannot be read ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(data), "number")
+        raise ModelLoadError(f"'{path}' holds a JSON {kind}, not an object; {fix}")
+    return data
 
 
 def _version() -> str:

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import functools
+import os
+
 import pytest
+import torch
 
 from fxquant.analysis import analyse
 from fxquant.capture import capture
 from fxquant.models import TINY_CONFIGS, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one process per core: one intra-op thread each, or the workers oversubscribe
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 from fxquant import load, quantize, save
 from fxquant.errors import ModelLoadError
 from fxquant.models import tiny_model
+from fxquant.serialize import load_tokenizer
 
 
 def _ids():
@@ -134,3 +136,145 @@ def test_cli_eval_with_a_recipe_prints_before_and_after(capsys):
 
     assert main(["eval", "--model", "smollm2", "--windows", "1", "--recipe", "quarot-w4a8"]) == 0
     assert "(quarot-w4a8)" in capsys.readouterr().out.splitlines()[-1]
+
+
+def _tiny_tokenizer():
+    """A six-word WordLevel tokenizer built offline (tiny models have none)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["<unk>", "<s>", "</s>", "the", "cat", "sat"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def saved_with_tokenizer(tmp_path_factory):
+    """One tiny llama saved once, with a generation config and a tokenizer; tests copy it (saved_llama)."""
+    model = tiny_model("llama")
+    model.generation_config.max_new_tokens = 2  # the default would generate up to 20 tokens
+    directory = save(model, tmp_path_factory.mktemp("saved") / "llama")
+    _tiny_tokenizer().save_pretrained(directory)
+    return model, directory
+
+
+@pytest.fixture
+def saved_llama(saved_with_tokenizer, tmp_path):
+    """A fresh copy of the saved directory, for a test to damage."""
+    return shutil.copytree(saved_with_tokenizer[1], tmp_path / "llama")
+
+
+def _truncate(path):
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+
+
+def test_the_generation_config_round_trips_and_generate_behaves_as_before(saved_with_tokenizer, saved_llama):
+    model, _ = saved_with_tokenizer
+    loaded = load(saved_llama)
+    assert loaded.generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
+    assert loaded.generation_config.max_new_tokens == 2
+    with torch.no_grad():  # 2 new tokens as saved, not the default 20 (weights are bit-identical: tested above)
+        assert loaded.generate(_ids()[:1, :4], do_sample=False).shape == (1, 4 + 2)
+
+
+def test_a_truncated_config_is_refused_naming_it(saved_llama):
+    _truncate(saved_llama / "config.json")
+    with pytest.raises(ModelLoadError, match=r"config\.json' is not valid JSON \(truncated or damaged.*save the model"):
+        load(saved_llama)
+
+
+def test_a_config_that_is_not_a_json_object_is_refused_naming_it(saved_llama):
+    (saved_llama / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match=r"config\.json' holds a JSON array, not an object"):
+        load(saved_llama)
+
+
+def test_a_missing_config_is_refused_naming_it(saved_llama):
+    (saved_llama / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"config\.json' is missing: without it the architecture cannot be"):
+        load(saved_llama)
+
+
+def test_a_config_with_an_unknown_model_type_is_refused_naming_it(saved_llama):
+    path = saved_llama / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"model_type": "no-such-arch"}))
+    with pytest.raises(ModelLoadError, match=r"config\.json' is rejected by transformers' AutoConfig "
+                                             r"\(ValueError: .*no-such-arch"):
+        load(saved_llama)
+
+
+def test_a_config_without_a_model_type_is_refused_naming_it(saved_llama):
+    path = saved_llama / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "model_type"}))
+    with pytest.raises(ModelLoadError, match=r"config\.json' has no 'model_type'"):
+        load(saved_llama)
+
+
+def test_a_truncated_generation_config_is_refused_naming_it(saved_llama):
+    _truncate(saved_llama / "generation_config.json")
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json' is not valid JSON"):
+        load(saved_llama)
+
+
+def test_a_generation_config_transformers_rejects_is_refused_naming_it(saved_llama):
+    (saved_llama / "generation_config.json").write_text('{"cache_implementation": "no-such-cache"}')
+    with pytest.raises(ModelLoadError, match=r"generation_config\.json' is rejected by transformers' GenerationConfig "
+                                             r"\(ValueError: Invalid `cache_implementation`"):
+        load(saved_llama)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_truncated_tokenizer_file_is_refused_naming_it_by_load_and_load_tokenizer(saved_llama, name):
+    _truncate(saved_llama / name)
+    match = name.replace(".", r"\.") + "' is not valid JSON .*save the tokenizer again"
+    with pytest.raises(ModelLoadError, match=match):
+        load(saved_llama)
+    with pytest.raises(ModelLoadError, match=match):
+        load_tokenizer(saved_llama)
+
+
+def test_a_tokenizer_json_autotokenizer_rejects_is_refused_naming_the_directory(saved_llama):
+    (saved_llama / "tokenizer.json").write_text('{"model": 3}')  # a JSON object, but no tokenizer
+    with pytest.raises(ModelLoadError, match=r"the tokenizer in '.+llama' \(tokenizer\.json, tokenizer_config\.json\) "
+                                             r"is rejected by transformers' AutoTokenizer \(KeyError"):
+        load_tokenizer(saved_llama)
+
+
+def test_load_tokenizer_returns_the_saved_tokenizer_or_none(saved_llama, tmp_path):
+    assert load_tokenizer(saved_llama)("the cat sat").input_ids == [3, 4, 5]
+    assert load_tokenizer(tmp_path) is None  # a directory without tokenizer files
+    with pytest.raises(ModelLoadError, match=r"no-such-dir' is not a directory, so it holds no tokenizer"):
+        load_tokenizer(tmp_path / "no-such-dir")
+
+
+def test_cli_load_for_eval_refuses_a_damaged_tokenizer_by_name(saved_llama):
+    from fxquant.cli import _load_for_eval
+
+    model, tokenizer = _load_for_eval(str(saved_llama))
+    assert tokenizer("the cat").input_ids == [3, 4] and model.generation_config.max_new_tokens == 2
+    (saved_llama / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ModelLoadError, match=r"tokenizer_config\.json' is not valid JSON"):
+        _load_for_eval(str(saved_llama))
+
+
+def test_a_plain_transformers_directory_is_refused_saying_how_to_load_it(saved_llama):
+    (saved_llama / "fxquant.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"llama' has no fxquant\.json: it was not written by fxquant\.save; it "
+                                             r"has a config\.json, .*load it with fxquant\.models\.load_model"):
+        load(saved_llama)
+
+
+def test_a_nonexistent_path_or_a_file_is_refused_saying_what_load_takes(saved_llama):
+    with pytest.raises(ModelLoadError, match=r"no-such-dir' does not exist: fxquant\.load takes the directory "
+                                             r"fxquant\.save .* wrote; check the path"):
+        load(saved_llama / "no-such-dir")
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors' is a file, not a directory"):
+        load(saved_llama / "model.safetensors")
+
+
+def test_an_fxquant_json_that_is_not_an_object_is_refused_naming_it(saved_llama):
+    (saved_llama / "fxquant.json").write_text('"fxquant-1"')
+    with pytest.raises(ModelLoadError, match=r"fxquant\.json' holds a JSON string, not an object"):
+        load(saved_llama)
