@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from fxquant.api import quantize
 from fxquant.eval import default_tokens
 from fxquant.models import load_model
-from fxquant.quant.linear import QuantizedLinear
+from fxquant.runtime.linear import QuantizedLinear
 from fxquant.serialize import WEIGHTS, save
 
 _RELOAD = """

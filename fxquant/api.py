@@ -24,7 +24,7 @@ import torch
 from fxquant.capture import capture, is_causal_lm
 from fxquant.errors import CalibrationError, RecipeError
 from fxquant.pipeline import Pipeline, PipelineResult
-from fxquant.quant.linear import QuantizedLinear
+from fxquant.runtime.linear import QuantizedLinear
 from fxquant.recipes import load_recipe
 
 TOLERANCE = 2e-4  # float passes: max |diff| <= TOLERANCE * max |logit| on the example inputs (float32)

@@ -16,6 +16,8 @@ import operator
 import torch
 import torch.fx
 
+from fxquant.runtime.library import FAKE_QUANT, HADAMARD, QUANTIZED_LINEAR
+
 aten = torch.ops.aten
 
 
@@ -67,16 +69,17 @@ _TABLE: dict[object, OpClass] = {
 }
 
 
-# fxquant's own torch.library ops, by schema name; fake_quant keeps rows (tokens) apart but is not linear
-_FXQUANT_OPS = {"fxquant::hadamard": OpClass.ONLINE, "fxquant::fake_quant": OpClass.ELEMENTWISE}
+# fxquant's own torch.library ops; fake_quant keeps rows (tokens) apart but is not linear. A packed
+# quantized linear reads no float weight a transform could edit: a barrier to every walker.
+_FXQUANT_OPS = {HADAMARD: OpClass.ONLINE, FAKE_QUANT: OpClass.ELEMENTWISE, QUANTIZED_LINEAR: OpClass.BARRIER}
 
 
 def classify(node: torch.fx.Node) -> OpClass:
     """The OpClass of a call node: the table entry, refined by operand shapes for mul/add."""
     if node.op != "call_function":
         return OpClass.BARRIER
-    if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fxquant":
-        return _FXQUANT_OPS.get(node.target._schema.name, OpClass.BARRIER)
+    if node.target in _FXQUANT_OPS:
+        return _FXQUANT_OPS[node.target]
     if node.target in (aten.mul.Tensor, aten.div.Tensor):
         # x * s commutes with any channel transform when s is constant along the channel dim
         return OpClass.COMMUTES_ORTHOGONAL if _scales_tokens_only(node) else OpClass.ELEMENTWISE

@@ -29,12 +29,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from fxquant.attention import ATTR, install
 from fxquant.errors import ModelLoadError
-from fxquant.online import InputScale, OnlineHadamard
 from fxquant.passes.pack import pack_model
-from fxquant.quant.fake import ActivationFakeQuant
-from fxquant.quant.linear import QuantizedLinear
+from fxquant.runtime.attention import ATTR, install
+from fxquant.runtime.hooks import HOOK_TYPES
+from fxquant.runtime.linear import QuantizedLinear
 from fxquant.weights import canonical, replace_module
 
 FORMAT = "fxquant-1"
@@ -43,7 +42,7 @@ CONFIG, GENERATION = "config.json", "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _SAVE_AGAIN = "the directory is damaged: save the model again with fxquant.save"
 _FXQUANT_DIR = "fxquant.load takes the directory fxquant.save (or `fxquant quantize --out`) wrote"
-_HOOKS = {"OnlineHadamard": OnlineHadamard, "ActivationFakeQuant": ActivationFakeQuant, "InputScale": InputScale}
+_HOOKS = HOOK_TYPES  # the hook types a saved directory may name (an allow-list)
 
 
 def save(model: torch.nn.Module, directory, recipe=None) -> Path:

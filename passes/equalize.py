@@ -14,15 +14,14 @@ from collections import Counter
 
 import torch
 
-from fxquant.analysis.dataflow import linear_sites
+from fxquant.analysis.dataflow import hookable_modules, linear_sites
 from fxquant.analysis.equalize import ScaleGroup, scale_groups
 from fxquant.analysis.structure import Blocked
 from fxquant.calibrate import block_of, block_sweep, decoder_blocks, observe
 from fxquant.config import CLEConfig, SmoothQuantConfig
 from fxquant.errors import CalibrationError
-from fxquant.online import install_input_scale
+from fxquant.runtime.hooks import install_input_scale
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.fake import input_is_hookable
 from fxquant.weights import assign, canonical, scale_in, scale_out
 
 def require_calibration(cg, structure, cfg) -> None:
@@ -108,12 +107,12 @@ def fold_scale(cg, group: ScaleGroup, s: torch.Tensor, precision=torch.float64) 
 def select_groups(cg, structure, scope: str, need_observer: bool = True):
     """The groups a pass edits, each with where hooks see its input (`observer`; None when not
     needed), and a Blocked entry for each group it leaves (out of scope, tied, unobservable)."""
-    runs = Counter(site.module for site, _ in linear_sites(cg))
+    hookable = hookable_modules(cg)
     shared = Counter(id(p) for _, p in cg.model.named_parameters(remove_duplicate=False))
     chosen, blocked = [], []
     for group in scale_groups(cg, structure):
         first = group.readers[0]
-        where = observer(cg, group, runs) if need_observer else None
+        where = observer(cg, group, hookable) if need_observer else None
         if not in_scope(group, scope) and group.fold != "none":
             blocked.append(Blocked(first.node, group.name, f"its input is not made by a norm (scope={scope!r}); "
                                                              "scope='foldable' folds it into " + group.target))
@@ -129,12 +128,11 @@ def select_groups(cg, structure, scope: str, need_observer: bool = True):
     return chosen, blocked
 
 
-def observer(cg, group: ScaleGroup, runs: Counter) -> tuple[str, str] | None:
+def observer(cg, group: ScaleGroup, hookable: set[str]) -> tuple[str, str] | None:
     """Where hooks see the group's input: (reader module, "in") when a reader's forward input is the
-    linear's input, else (norm module, "out") for a norm's readers; None when neither holds.
-    `runs`: how many linear sites each module holds."""
-    reader = next((r.module for r in group.readers
-                   if input_is_hookable(cg.model.get_submodule(r.module), runs[r.module])), None)
+    linear's input (`hookable`: fxquant.analysis.dataflow.hookable_modules), else (norm module, "out")
+    for a norm's readers; None when neither holds."""
+    reader = next((r.module for r in group.readers if r.module in hookable), None)
     if reader is not None:
         return reader, "in"
     if group.norm is not None and _is_leaf_norm(cg.model.get_submodule(group.norm.module)):
@@ -146,8 +144,8 @@ def quantized_sites(cg):
     """The linears a weight quantizer edits (all but the output layer), split into those whose
     module's forward input is the linear's input (hooks can observe it) and the others."""
     sites = [site for site, is_output in linear_sites(cg) if not is_output]
-    runs = Counter(site.module for site in sites)
-    seen = [input_is_hookable(cg.model.get_submodule(s.module), runs[s.module]) for s in sites]
+    hookable = hookable_modules(cg)
+    seen = [s.module in hookable for s in sites]
     return [s for s, ok in zip(sites, seen) if ok], [s for s, ok in zip(sites, seen) if not ok]
 
 

@@ -17,19 +17,16 @@ fake-quant of k and v per (token, head) inside the same attention implementation
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
-from fxquant.analysis.dataflow import linear_sites, shape_of
+from fxquant.analysis.dataflow import hookable_modules, shape_of
 from fxquant.analysis.structure import Blocked
-from fxquant.attention import ATTR, install, record_calls
+from fxquant.runtime.attention import ATTR, install, record_calls
 from fxquant.config import KVQuantConfig, NormFoldConfig
 from fxquant.hadamard import check_rotation, hadamard_transform
-from fxquant.online import OnlineHadamard
+from fxquant.runtime.hooks import OnlineHadamard
 from fxquant.ops import OpClass, classify
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.fake import input_is_hookable
 from fxquant.verify import model_outputs
 from fxquant.weights import rotate_in
 
@@ -44,12 +41,12 @@ def check_online_sizes(cg, structure, cfg) -> None:
 def insert_online_hadamard(cg, structure, cfg: NormFoldConfig | None) -> PassResult:
     """Hadamard-rotate each down_proj input online and fold the inverse into down_proj's weight."""
     prec = getattr(torch, (cfg or NormFoldConfig()).precision)
-    runs = Counter(site.module for site, _ in linear_sites(cg))
+    hookable = hookable_modules(cg)
     changes, blocked = [], []
     for online in structure.online_sites:
         site = online.linear
         module = cg.model.get_submodule(site.module)
-        if not input_is_hookable(module, runs[site.module]):
+        if site.module not in hookable:
             blocked.append(Blocked(site.node, site.module, "R4: the linear runs inside a larger module, so no "
                                                             "hook can rotate its input alone"))
             continue

@@ -18,7 +18,7 @@ import torch
 from fxquant.analysis.structure import Blocked
 from fxquant.errors import PassError
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.linear import QuantizedLinear
+from fxquant.runtime.linear import QuantizedLinear
 from fxquant.weights import canonical, quantized_weights, replace_module
 
 _HOOK_SLOTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",

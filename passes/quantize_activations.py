@@ -8,13 +8,11 @@ reported as blocked, never silently skipped. The output layer stays in float.
 """
 from __future__ import annotations
 
-from collections import Counter
-
-from fxquant.analysis.dataflow import linear_sites
+from fxquant.analysis.dataflow import hookable_modules, linear_sites
 from fxquant.analysis.structure import Blocked
 from fxquant.config import ActQuantConfig
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.fake import ActivationFakeQuant, activation_hooks, input_is_hookable, remove_activation_hooks
+from fxquant.runtime.hooks import ActivationFakeQuant, activation_hooks, remove_activation_hooks
 
 
 @fxpass(invalidates={"outputs", "graph"}, provides={"activations_quantized"})
@@ -22,12 +20,12 @@ def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResul
     """Install a per-token fake-quant hook on the input of every linear but the output layer."""
     cfg = cfg or ActQuantConfig()
     sites = [site for site, is_output in linear_sites(cg) if not is_output]
-    runs = Counter(site.module for site in sites)
+    hookable = hookable_modules(cg)
     installed = activation_hooks(cg.model)
     changes, blocked = [], []
     for site in sites:
         module = cg.model.get_submodule(site.module)
-        if not input_is_hookable(module, runs[site.module]):
+        if site.module not in hookable:
             blocked.append(Blocked(site.node, site.module, "linear runs inside a larger module: its input "
                                                             "cannot be quantized by a hook on the module"))
             continue

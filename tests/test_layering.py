@@ -1,7 +1,10 @@
-"""Imports flow one way through the rooms (STYLE.md): an ast scan of every module's imports.
+"""Imports flow one way through the rooms (STYLE.md, docs/LAYOUT.md): an ast scan of every module.
 
-Module-level imports must respect the order; imports inside functions are allowed to look
-*forward* only for the CLI and the package root (they sit after every room).
+A module may import only modules of its own or an earlier room, at module level and inside
+functions alike (a lazy import is still an import); only the CLI and the package root, which sit
+after every room, are exempt. No pass imports another pass, and outside `passes/` only the recipe
+registry imports a pass. No function takes more than 6 parameters except where an outside
+signature dictates it.
 """
 from __future__ import annotations
 
@@ -9,19 +12,34 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# rank of each room, in data-flow order; a module may import only modules of lower or equal rank
+# rank of each room, in data-flow order (docs/LAYOUT.md); a module may import only lower or equal ranks
 RANK = {
-    "fxquant.errors": 0, "fxquant.ir": 0,
-    "fxquant.hadamard": 0, "fxquant.hadamard_constructions": 0, "fxquant.weights": 0, "fxquant.quant.numerics": 0,
-    "fxquant.ops": 1, "fxquant.capture": 1, "fxquant.models": 1, "fxquant.eval": 1, "fxquant.verify": 1,
-    "fxquant.analysis": 2, "fxquant.viz": 2,
-    "fxquant.pipeline": 3, "fxquant.config": 3, "fxquant.online": 3, "fxquant.attention": 3, "fxquant.calibrate": 3,
-    "fxquant.quant": 3, "fxquant.passes": 4, "fxquant.recipes": 5, "fxquant.api": 5, "fxquant.serialize": 5, "fxquant.report": 5, "fxquant.qat": 5,
+    # 0: shared nouns and tensor-math leaves (no fx, no modules of their own)
+    "fxquant.errors": 0, "fxquant.ir": 0, "fxquant.hadamard": 0, "fxquant.hadamard_constructions": 0,
+    "fxquant.weights": 0, "fxquant.quant.numerics": 0, "fxquant.quant.packed": 0, "fxquant.quant.format": 0,
+    "fxquant.quant.gptq": 0,
+    # 1: what runs at inference: custom ops, hooks, attention, the packed linear (and later its kernels)
+    "fxquant.runtime": 1,
+    # 2: the op table, capture and the sources of models, data and checks
+    "fxquant.ops": 2, "fxquant.capture": 2, "fxquant.models": 2, "fxquant.eval": 2, "fxquant.verify": 2,
+    # 3: pure analysis
+    "fxquant.analysis": 3,
+    # 4: the engine passes stand on: pipeline, configs, calibration, equalization and quantization libraries
+    "fxquant.pipeline": 4, "fxquant.config": 4, "fxquant.calibrate": 4, "fxquant.equalize": 4,
+    "fxquant.quant": 4,
+    # 5: renderers and dumpers (read results; never edit a model)
+    "fxquant.viz": 5,
+    # 6: the passes
+    "fxquant.passes": 6,
+    # 7: recipes and the API
+    "fxquant.recipes": 7, "fxquant.api": 7, "fxquant.serialize": 7, "fxquant.qat": 7,
+    # 9: entry points
     "fxquant.cli": 9, "fxquant": 9,
 }
-LEAVES = {"fxquant.errors", "fxquant.ir", "fxquant.hadamard", "fxquant.hadamard_constructions", "fxquant.weights", "fxquant.quant.numerics"}
-# shared nouns and tensor-math leaves: import no other fxquant room but errors
-VIZ_MAY_READ = {"fxquant.ir", "fxquant.analysis.structure"}
+ENTRY_POINTS = ("fxquant.cli", "fxquant")
+LEAVES = {name for name, rank in RANK.items() if rank == 0}
+# parameters dictated by an outside signature: torch.library op schemas (positional primitives only)
+OUTSIDE_SIGNATURES = {"quantized_linear", "_quantized_linear_fake", "dequantized_weight"}
 
 
 def _room(module: str) -> str:
@@ -35,55 +53,67 @@ def _room(module: str) -> str:
 def _modules():
     for path in sorted((ROOT / "fxquant").rglob("*.py")):
         rel = path.relative_to(ROOT).with_suffix("")
-        name = ".".join(rel.parts).removesuffix(".__init__")
-        yield name, path
+        yield ".".join(rel.parts).removesuffix(".__init__"), path
     for path in sorted((ROOT / "passes").glob("*.py")):
-        yield "fxquant.passes." + path.stem.removesuffix("__init__").rstrip("."), path
+        yield "fxquant.passes" + ("" if path.stem == "__init__" else f".{path.stem}"), path
 
 
-def _imports(path: Path, top_level_only: bool):
-    tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
-    for node in nodes:
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fxquant"):
             yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names if _is_module(f"{node.module}.{a.name}"))
         elif isinstance(node, ast.Import):
             yield from (a.name for a in node.names if a.name.startswith("fxquant"))
+
+
+def _is_module(name: str) -> bool:
+    """`from fxquant import qat` imports the module fxquant.qat, not a name of fxquant."""
+    return any(m == name for m, _ in _modules())
 
 
 def test_imports_flow_one_way():
     bad = []
     for name, path in _modules():
         room = _room(name)
-        for target in _imports(path, top_level_only=room not in ("fxquant.cli", "fxquant")):
-            if RANK[_room(target)] > RANK[room] and room not in ("fxquant.cli", "fxquant"):
-                bad.append(f"{name} imports {target} (a later room)")
-    assert bad == []
+        if room in ENTRY_POINTS:
+            continue
+        bad += [f"{name} imports {t} (room {_room(t)} runs later)" for t in _imports(path) if RANK[_room(t)] > RANK[room]]
+    assert not bad, "\n".join(bad)
 
 
-def test_function_level_imports_do_not_look_forward_either():
-    """Lazy imports are still imports: only pipeline may lazily reach analysis and viz (same direction)."""
+def test_leaves_import_only_leaves():
+    bad = [f"{name} imports {t}" for name, path in _modules() if name in LEAVES
+           for t in _imports(path) if _room(t) not in LEAVES]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_pass_imports_a_pass_and_only_the_recipe_registry_imports_passes():
     bad = []
     for name, path in _modules():
-        room = _room(name)
-        if room in ("fxquant.cli", "fxquant"):
+        targets = {t for t in _imports(path) if t.startswith("fxquant.passes.")}
+        if name.startswith("fxquant.passes.") and targets:
+            bad.append(f"pass module {name} imports {sorted(targets)}")
+        elif name == "fxquant.passes" or name.startswith("fxquant.passes."):
             continue
-        for target in _imports(path, top_level_only=False):
-            if RANK[_room(target)] > RANK[room]:
-                bad.append(f"{name} imports {target}")
-    assert bad == []
-
-
-def test_shared_nouns_are_leaves_and_viz_reads_only_nouns():
-    for name, path in _modules():
-        targets = set(_imports(path, top_level_only=False))
-        if name in LEAVES:
-            assert targets <= LEAVES - {"fxquant.ir"}, f"{name} imports {targets}"
-        if _room(name) == "fxquant.viz":
-            assert {t for t in targets if not t.startswith("fxquant.viz")} <= VIZ_MAY_READ, f"{name} imports {targets}"
+        elif _room(name) not in ("fxquant.recipes", *ENTRY_POINTS) and ({"fxquant.passes"} | targets) & set(_imports(path)):
+            bad.append(f"engine module {name} imports passes")
+    assert not bad, "\n".join(bad)
 
 
 def test_passes_import_submodules_never_the_package_root():
     for name, path in _modules():
         if _room(name) == "fxquant.passes":
-            assert "fxquant" not in set(_imports(path, top_level_only=False)), name
+            assert "fxquant" not in set(_imports(path)), name
+
+
+def test_no_function_takes_more_than_six_parameters():
+    bad = []
+    for name, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in OUTSIDE_SIGNATURES:
+                args = node.args
+                params = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs if a.arg not in ("self", "cls")]
+                if len(params) > 6:
+                    bad.append(f"{name}.{node.name} takes {len(params)} parameters")
+    assert not bad, "\n".join(bad)

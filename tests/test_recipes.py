@@ -222,7 +222,7 @@ def test_config_values_must_have_the_exact_type(fields, match):
 def test_rollback_removes_the_attention_transform_a_pass_attached(monkeypatch):
     import importlib
 
-    from fxquant.attention import ATTR
+    from fxquant.runtime.attention import ATTR
 
     online = importlib.import_module("fxquant.passes.online_hadamard")
 

@@ -7,8 +7,11 @@ slices and Conv1D flattening then give exact maps with no per-architecture code.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx
+from transformers.pytorch_utils import Conv1D
 
 from fxquant.analysis.structure import LinearSite
 from fxquant.ir import META_MODULE, CapturedGraph, ParamRef
@@ -176,6 +179,17 @@ def linear_sites(cg: CapturedGraph) -> list[tuple[LinearSite, bool]]:
         if site is not None:
             sites.append((site, _reaches_output(node)))
     return sites
+
+
+LINEAR_MODULES = (torch.nn.Linear, Conv1D)  # modules whose forward input is the linear's input
+
+
+def hookable_modules(cg: CapturedGraph) -> set[str]:
+    """Paths of the modules whose forward pre-hook sees exactly their linear's input: the module is
+    an nn.Linear (or Conv1D) and runs one linear site (a stacked-expert block runs several)."""
+    runs = Counter(site.module for site, _ in linear_sites(cg))
+    return {path for path, n in runs.items()
+            if n == 1 and isinstance(cg.model.get_submodule(path), LINEAR_MODULES)}
 
 
 def _reaches_output(node: Node) -> bool:

@@ -14,7 +14,7 @@ from fxquant import apply_recipe, capture, load, quantize, save
 from fxquant.calibrate import block_sweep, decoder_blocks
 from fxquant.errors import CalibrationError
 from fxquant.models import tiny_model
-from fxquant.online import INPUT_SCALE, input_scale_hooks
+from fxquant.runtime.hooks import INPUT_SCALE, input_scale_hooks
 from fxquant.viz.text import op_counts
 
 REL_TOL = 2e-4

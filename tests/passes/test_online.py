@@ -11,7 +11,7 @@ import torch
 from conftest import ARCHS, logit_change
 from fxquant import analyse, apply_recipe, capture, quantize
 from fxquant.models import tiny_model
-from fxquant.online import online_hooks
+from fxquant.runtime.hooks import online_hooks
 from fxquant.viz.text import op_counts
 
 REL_TOL = 2e-4
@@ -101,7 +101,7 @@ def test_r3_nodes_take_the_post_rope_queries_and_keys():
 
 
 def test_kv_cache_quantization_puts_keys_after_r3_and_values_on_a_4bit_grid(monkeypatch):
-    import fxquant.attention as attention
+    import fxquant.runtime.attention as attention
 
     seen = []
 
@@ -139,7 +139,7 @@ def test_torch_compile_of_a_quarot_float_model_matches_eager_and_export_shows_th
 
 
 def test_the_hadamard_op_passes_torch_library_opcheck():
-    from fxquant.online import hadamard
+    from fxquant.runtime.library import hadamard
 
     for x in (torch.randn(2, 64), torch.randn(1, 4, 6, 16).transpose(1, 2)):
         torch.library.opcheck(hadamard._opoverload, (x,))

@@ -10,10 +10,10 @@ from fxquant.analysis import analyse
 from fxquant.capture import capture
 from fxquant.errors import PassError, RecipeError
 from fxquant.models import tiny_model
-from fxquant.online import OnlineHadamard
+from fxquant.runtime.hooks import OnlineHadamard
 from fxquant.passes.pack import pack_model
-from fxquant.quant.fake import ActivationFakeQuant
-from fxquant.quant.linear import QuantizedLinear
+from fxquant.runtime.hooks import ActivationFakeQuant
+from fxquant.runtime.linear import QuantizedLinear
 from fxquant.recipes import PRESETS
 from fxquant.weights import quantized_weights
 

@@ -8,7 +8,7 @@ from conftest import logit_change
 from fxquant import apply_recipe, quantize
 from fxquant.capture import capture
 from fxquant.models import tiny_model
-from fxquant.quant.fake import ActivationFakeQuant, activation_hooks
+from fxquant.runtime.hooks import ActivationFakeQuant, activation_hooks
 from fxquant.viz.text import op_counts
 
 
@@ -103,7 +103,7 @@ def test_clip_search_lowers_the_weight_error_of_rotated_int4():
 
 
 def test_the_fake_quant_op_passes_opcheck_and_shows_as_one_node():
-    from fxquant.quant.fake import fake_quant
+    from fxquant.runtime.library import fake_quant
 
     for x in (torch.randn(3, 64), torch.randn(1, 4, 6, 16).transpose(1, 2)):
         torch.library.opcheck(fake_quant._opoverload, (x, 4, True, 0.9))
@@ -114,7 +114,7 @@ def test_the_fake_quant_op_passes_opcheck_and_shows_as_one_node():
 
 
 def test_fake_quant_passes_gradients_straight_through():
-    from fxquant.quant.fake import fake_quant
+    from fxquant.runtime.library import fake_quant
 
     x = torch.randn(5, 32, requires_grad=True)
     torch.library.opcheck(fake_quant._opoverload, (x, 4, False, 1.0))

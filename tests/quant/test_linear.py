@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fxquant.config import WeightQuantConfig
 from fxquant.passes.quantize_weights import quantize_weight
-from fxquant.quant.linear import QuantizedLinear
+from fxquant.runtime.linear import QuantizedLinear
 from fxquant.weights import canonical
 
 SCHEMES = [  # (bits, symmetric, group_size, zero_point)

@@ -3,9 +3,10 @@ KV-cache fake-quant.
 
 Entry points: `AttentionTransform` (what one attention module does), `install(model, module, t)`
 and `ATTENTION_IMPLEMENTATION`. The one idea: transformers 5 dispatches every attention call
-through `AttentionInterface`; fxquant registers one implementation that looks up the calling
-module's `AttentionTransform`, applies it to the post-RoPE queries and keys, then runs SDPA. So
-`generate()` and the KV cache work unchanged, and a re-capture shows the `fxquant.hadamard` nodes.
+through `AttentionInterface`; `install` registers one implementation (explicitly, the first time a
+pass or `fxquant.load` needs it; importing fxquant touches no global registry) that looks up the
+calling module's `AttentionTransform`, applies it to the post-RoPE queries and keys, then runs SDPA.
+So `generate()` and the KV cache work unchanged, and a re-capture shows the `fxquant.hadamard` nodes.
 
     (q H)(k H)^T = q H H^T k^T = q k^T      for an orthogonal H per head (R3 cancels in the scores)
 """
@@ -19,8 +20,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from fxquant.online import hadamard  # the torch.library op fxquant::hadamard
-from fxquant.quant.fake import fake_quant
+from fxquant.runtime.library import fake_quant, hadamard
 
 ATTENTION_IMPLEMENTATION = "fxquant_sdpa"
 ATTR = "fxquant_attention"  # the attribute an attention module carries its AttentionTransform under
@@ -52,11 +52,15 @@ def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(ATTENTION_IMPLEMENTATION, fxquant_sdpa)
+def register() -> None:
+    """Make `ATTENTION_IMPLEMENTATION` known to transformers' AttentionInterface (idempotent)."""
+    if ATTENTION_IMPLEMENTATION not in AttentionInterface():
+        AttentionInterface.register(ATTENTION_IMPLEMENTATION, fxquant_sdpa)
 
 
 def install(model: torch.nn.Module, module: torch.nn.Module, **fields) -> AttentionTransform:
     """Set `fields` of one attention module's transform and route the model's attention through fxquant."""
+    register()
     transform = dataclasses.replace(getattr(module, ATTR, None) or AttentionTransform(), **fields)
     setattr(module, ATTR, transform)
     for config in {id(c): c for c in (getattr(model, "config", None), getattr(module, "config", None)) if c}.values():

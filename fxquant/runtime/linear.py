@@ -1,8 +1,8 @@
-"""The packed quantized linear: integer codes stored as a kernel reads them, and the reference op.
+"""The packed quantized linear: integer codes stored as a kernel reads them.
 
-Entry points: the custom op `torch.ops.fxquant.quantized_linear` and `QuantizedLinear`, the module
-that holds `codes` (uint8: int4 two per byte, int8 one per byte), `scale` and `zero` ([out, groups],
-in the model dtype) and calls the op. The one idea: the op's reference implementation dequantizes
+Entry point: `QuantizedLinear`, the module that holds `codes` (uint8: int4 two per byte, int8 one per
+byte), `scale` and `zero` ([out, groups], in the model dtype) and calls `fxquant::quantized_linear`
+(fxquant.runtime.library). The one idea: the op's reference implementation dequantizes
 with `fxquant.quant.numerics` and multiplies exactly as the layer it replaced did (`F.linear`, or
 `addmm` for a transformers Conv1D), so a packed model computes bit for bit what its fake-quant
 model did; `torch.export` and `torch.compile` see one named node, which a kernel can replace.
@@ -12,35 +12,8 @@ from __future__ import annotations
 import torch
 
 from fxquant.quant.numerics import QuantizedWeight, describe_format
-from fxquant.quant.packed import pack_int4, unpack_int4
-
-
-def packs_two_per_byte(bits: int) -> bool:
-    """Codes of at most 4 bits are stored two per byte."""
-    return bits <= 4
-
-
-def _weight(codes, scale, zero, bits, symmetric, group_size, float_zero, in_features) -> torch.Tensor:
-    unpacked = unpack_int4(codes)[..., :in_features] if packs_two_per_byte(bits) else codes
-    return QuantizedWeight(unpacked, scale, zero, bits, symmetric, group_size or None, float_zero).values()
-
-
-@torch.library.custom_op("fxquant::quantized_linear", mutates_args=())
-def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                     bias: torch.Tensor | None, bits: int, symmetric: bool, group_size: int, float_zero: bool,
-                     in_features: int, transposed: bool) -> torch.Tensor:
-    """y = x W^T + b with W dequantized from `codes` (`group_size` 0: one scale per output row);
-    `transposed`: the product as transformers' Conv1D computes it (addmm with W^T stored contiguous)."""
-    w = _weight(codes, scale, zero, bits, symmetric, group_size, float_zero, in_features)
-    if transposed:
-        return torch.addmm(bias, x.reshape(-1, in_features), w.t().contiguous()).view(*x.shape[:-1], w.shape[0])
-    return torch.nn.functional.linear(x, w, bias)
-
-
-@quantized_linear.register_fake
-def _quantized_linear_fake(x, codes, scale, zero, bias, bits, symmetric, group_size, float_zero, in_features,
-                           transposed):
-    return x.new_empty(*x.shape[:-1], scale.shape[0])
+from fxquant.quant.packed import pack_int4
+from fxquant.runtime.library import dequantized_weight, packs_two_per_byte
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -87,7 +60,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def weight_values(self) -> torch.Tensor:
         """The dequantized weight [out, in] in the model dtype (what the op multiplies by)."""
-        return _weight(self.codes, self.scale, self.zero, self.bits, self.symmetric, self.group_size or 0,
+        return dequantized_weight(self.codes, self.scale, self.zero, self.bits, self.symmetric, self.group_size or 0,
                        self.float_zero, self.in_features)
 
     @property

@@ -1,0 +1,105 @@
+"""Forward pre-hooks that run fxquant's ops on a layer's input at inference.
+
+Entry points: `OnlineHadamard` (R4: x -> fxquant::hadamard(x)), `InputScale` (an equalization scale
+no weight could absorb: x -> x * s), `ActivationFakeQuant` (x -> fxquant::fake_quant(x) per token),
+`install_input_scale`, and `hooks_of(model, kind)` to list what is installed. The one idea: a hook
+lives on the model itself, so `generate()`, the KV cache and a re-capture all see it (torch.export
+records its op as a graph node); nothing in the graph is patched by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxquant.runtime.library import fake_quant, hadamard
+
+INPUT_SCALE = "fxquant_input_scale"  # the parameter an InputScale hook reads, saved with the weights
+
+
+def _floating_input(args: tuple) -> bool:
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()
+
+
+@dataclass(frozen=True)
+class OnlineHadamard:
+    """Forward pre-hook: the layer's first input x -> fxquant::hadamard(x)."""
+
+    def __call__(self, module: torch.nn.Module, args: tuple):
+        return (hadamard(args[0]), *args[1:]) if _floating_input(args) else None
+
+
+@dataclass(frozen=True)
+class InputScale:
+    """Forward pre-hook: the layer's first input x -> x * module.fxquant_input_scale (per channel).
+
+    An equalization scale whose inverse no neighbouring weight can absorb (a GELU MLP, an online
+    Hadamard before the layer) runs as this explicit multiply, one `aten.mul` node in a re-capture.
+    """
+
+    def __call__(self, module: torch.nn.Module, args: tuple):
+        if not _floating_input(args):
+            return None
+        return (args[0] * getattr(module, INPUT_SCALE).to(args[0].dtype), *args[1:])
+
+
+@dataclass(frozen=True)
+class ActivationFakeQuant:
+    """Forward pre-hook: x -> fxquant::fake_quant(x) over the last dim (per token), symmetric or not."""
+
+    bits: int = 8
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+
+    def __call__(self, module: torch.nn.Module, args: tuple):
+        if not _floating_input(args):
+            return None
+        return (fake_quant(args[0], self.bits, self.symmetric, self.clip_ratio), *args[1:])
+
+
+HOOK_TYPES = {cls.__name__: cls for cls in (OnlineHadamard, InputScale, ActivationFakeQuant)}
+
+
+def hooks_of(model: torch.nn.Module, kind: type) -> dict[str, object]:
+    """Module path -> the (first) hook of type `kind` installed on that module's input."""
+    found = {}
+    for name, module in model.named_modules():
+        hook = next((h for h in module._forward_pre_hooks.values() if isinstance(h, kind)), None)
+        if hook is not None:
+            found[name] = hook
+    return found
+
+
+def online_hooks(model: torch.nn.Module) -> list[str]:
+    """Paths of the modules that carry an online Hadamard on their input."""
+    return list(hooks_of(model, OnlineHadamard))
+
+
+def input_scale_hooks(model: torch.nn.Module) -> list[str]:
+    """Paths of the modules that carry an explicit input scale."""
+    return list(hooks_of(model, InputScale))
+
+
+def activation_hooks(model: torch.nn.Module) -> dict[str, ActivationFakeQuant]:
+    """Module path -> the activation fake-quant hook installed on it."""
+    return hooks_of(model, ActivationFakeQuant)
+
+
+def remove_activation_hooks(module: torch.nn.Module) -> int:
+    """Drop the activation fake-quant hooks of one module (a new config replaces them); how many."""
+    keys = [k for k, hook in module._forward_pre_hooks.items() if isinstance(hook, ActivationFakeQuant)]
+    for key in keys:
+        del module._forward_pre_hooks[key]
+    return len(keys)
+
+
+def install_input_scale(module: torch.nn.Module, scale: torch.Tensor) -> None:
+    """Multiply `module`'s input by `scale` before anything else its pre-hooks do (composes with an
+    existing input scale: the two multiply)."""
+    existing = getattr(module, INPUT_SCALE, None)
+    if existing is not None:
+        existing.data = existing.data * scale.to(existing.dtype)
+        return
+    weight = next(module.parameters())
+    module.register_parameter(INPUT_SCALE, torch.nn.Parameter(scale.to(weight.dtype).clone(), requires_grad=False))
+    module.register_forward_pre_hook(InputScale(), prepend=True)

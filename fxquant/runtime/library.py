@@ -1,0 +1,83 @@
+"""fxquant's custom ops: one torch.library definition each, with its reference math and fake impl.
+
+Entry points: `torch.ops.fxquant.hadamard`, `torch.ops.fxquant.fake_quant`,
+`torch.ops.fxquant.quantized_linear`, and their `OpOverload`s (`HADAMARD`, `FAKE_QUANT`,
+`QUANTIZED_LINEAR`) that the op table and lowering match on. The one idea: each op is registered
+with a fake implementation, so eager runs, `torch.export` and `torch.compile` all see one named node
+whose reference implementation is the numerics every kernel must match (fxquant.hadamard,
+fxquant.quant.numerics).
+"""
+from __future__ import annotations
+
+import torch
+
+from fxquant.hadamard import hadamard_transform
+from fxquant.quant.numerics import QuantizedWeight, fake_quantize
+from fxquant.quant.packed import unpack_int4
+
+
+@torch.library.custom_op("fxquant::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """y = x @ H^T / sqrt(n) over the last dim (n = m * 2^k from fxquant.hadamard), laid out like x."""
+    out = torch.empty_like(x)  # q and k arrive as transposed views: keep their strides, as the fake does
+    return out.copy_(hadamard_transform(x))
+
+
+@hadamard.register_fake
+def _hadamard_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxquant::fake_quant", mutates_args=())
+def fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Round x to its nearest `bits`-bit value, one scale per row of the last dim (per token, per
+    (token, head)); one named op for export and compile, whose numerics are fxquant.quant.numerics."""
+    out = torch.empty_like(x)
+    return out.copy_(fake_quantize(x, bits, symmetric, None, clip_ratio))
+
+
+@fake_quant.register_fake
+def _fake_quant_fake(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _fake_quant_backward(ctx, grad: torch.Tensor):
+    """Straight-through estimator: rounding passes the gradient unchanged (what QAT trains through)."""
+    return grad, None, None, None
+
+
+fake_quant.register_autograd(_fake_quant_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def packs_two_per_byte(bits: int) -> bool:
+    """Codes of at most 4 bits are stored two per byte."""
+    return bits <= 4
+
+
+def dequantized_weight(codes, scale, zero, bits, symmetric, group_size, float_zero, in_features) -> torch.Tensor:
+    """The [out, in] weight that packed `codes` with `scale` / `zero` stand for (`group_size` 0: per row)."""
+    unpacked = unpack_int4(codes)[..., :in_features] if packs_two_per_byte(bits) else codes
+    return QuantizedWeight(unpacked, scale, zero, bits, symmetric, group_size or None, float_zero).values()
+
+
+@torch.library.custom_op("fxquant::quantized_linear", mutates_args=())
+def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     bias: torch.Tensor | None, bits: int, symmetric: bool, group_size: int, float_zero: bool,
+                     in_features: int, transposed: bool) -> torch.Tensor:
+    """y = x W^T + b with W dequantized from `codes` (`group_size` 0: one scale per output row);
+    `transposed`: the product as transformers' Conv1D computes it (addmm with W^T stored contiguous)."""
+    w = dequantized_weight(codes, scale, zero, bits, symmetric, group_size, float_zero, in_features)
+    if transposed:
+        return torch.addmm(bias, x.reshape(-1, in_features), w.t().contiguous()).view(*x.shape[:-1], w.shape[0])
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@quantized_linear.register_fake
+def _quantized_linear_fake(x, codes, scale, zero, bias, bits, symmetric, group_size, float_zero, in_features,
+                           transposed):
+    return x.new_empty(*x.shape[:-1], scale.shape[0])
+
+
+HADAMARD = torch.ops.fxquant.hadamard.default
+FAKE_QUANT = torch.ops.fxquant.fake_quant.default
+QUANTIZED_LINEAR = torch.ops.fxquant.quantized_linear.default
