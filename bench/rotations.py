@@ -14,7 +14,6 @@ import argparse
 import platform
 import threading
 import time
-import tomllib
 from contextlib import contextmanager
 
 import torch
@@ -22,18 +21,10 @@ import torch
 from fxquant.api import apply_recipe
 from fxquant.eval import EvalSplit, calibration_windows, default_tokens, eval_windows, perplexity
 from fxquant.models import load_model
-from fxquant.recipes import load_recipe
+from fxquant.recipes import load_recipe, parse_value
 
 RECIPES = ["float", "rotate-r1r2", "w8a8", "rotate-r1r2-w8a8", "w4a8", "rotate-r1r2-w4a8",
            "w4a16", "rotate-r1r2-w4a16", "w16a4", "rotate-r1r2-w16a4"]
-
-
-def _value(text: str):
-    """A TOML value (`true`, `64`, `"x"`), or the bare word itself as a string (`float32`)."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def _recipe(name: str, group_size: int) -> dict | None:
@@ -41,7 +32,7 @@ def _recipe(name: str, group_size: int) -> dict | None:
     if name == "float":
         return None
     preset, *pairs = name.split("+")
-    fields = {k: _value(v) for k, _, v in (p.partition("=") for p in pairs)}
+    fields = {k: parse_value(v) for k, _, v in (p.partition("=") for p in pairs)}
     grouped = any(getattr(c, "group_size", None) for _, c in load_recipe(preset).steps)
     return {"preset": preset, **({"group_size": group_size} if grouped else {}), **fields}
 

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterable
 
@@ -24,42 +25,64 @@ import torch
 from fxquant.capture import capture, is_causal_lm
 from fxquant.errors import CalibrationError, RecipeError
 from fxquant.pipeline import Pipeline, PipelineResult
+from fxquant.quant import records
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.recipes import load_recipe
+from fxquant.viz.dump import TextDumper
 
 TOLERANCE = 2e-4  # float passes: max |diff| <= TOLERANCE * max |logit| on the example inputs (float32)
 INITIAL_FACTS = frozenset({"weights_float"})  # what every model is before a recipe: folds require it
 
 
 def quantize(model: torch.nn.Module, recipe, calibration=None, *, verify: bool = True,
-             rollback: bool = True) -> torch.nn.Module:
+             rollback: bool = True, dump_dir: str | os.PathLike | None = None) -> torch.nn.Module:
     """Apply `recipe` (preset name, dict, TOML/YAML path) to `model` in place and return it.
 
     `rollback=False` skips the snapshot (a host-memory copy of every weight) that restores the
     model when a pass fails: for models too large to copy, at the price of a half-edited model on error.
+    `dump_dir` (or env FXQUANT_DUMP) receives `NN_<step>.txt` graph dumps, the input and one per pass.
     """
-    apply_recipe(model, recipe, calibration, verify=verify, rollback=rollback)
+    _apply(model, recipe, calibration, _Run(verify, rollback, dump_dir=dump_dir))
     return model
 
 
 def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollback: bool = True,
                  progress: bool = False) -> PipelineResult:
     """`quantize`, returning the PipelineResult (per-pass changes and the log) instead of the model;
-    `progress` shows a bar over the passes on stderr."""
+    `progress` shows a bar over the passes on stderr; env FXQUANT_DUMP=dir writes the graph dumps."""
+    return _apply(model, recipe, calibration, _Run(verify, rollback, progress))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """How a recipe is applied, beside what: verify float passes, snapshot to roll back, show a bar, dump."""
+
+    verify: bool = True
+    rollback: bool = True
+    progress: bool = False
+    dump_dir: str | os.PathLike | None = None
+
+    def dumper(self) -> TextDumper | None:
+        """Text dumps into `dump_dir`, else into env FXQUANT_DUMP, else none."""
+        folder = self.dump_dir or os.environ.get("FXQUANT_DUMP")
+        return TextDumper(folder) if folder else None
+
+
+def _apply(model, recipe, calibration, run: _Run) -> PipelineResult:
+    """The one body of `quantize` and `apply_recipe`: validate, snapshot, capture, run, roll back on failure."""
     recipe = load_recipe(recipe)
     packed = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     if packed:
         raise RecipeError(f"layer '{packed[0]}' is already packed as integer codes (QuantizedLinear), so no pass "
                           "can edit its weight: apply recipes to the float model")
     batches = calibration_batches(calibration)
-    snapshot = _Snapshot(model) if rollback else None
+    snapshot = _Snapshot(model) if run.rollback else None
     try:
         start = time.perf_counter()
         cg = capture(model, None if is_causal_lm(model) or not batches else _first_row(batches[0]))
-        cg.meta["calibration"] = batches
-        cg.meta["progress"] = progress
-        pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if verify else None,
-                            rel_atol=tolerance(model), rtol=0.0, final_capture=False, progress=progress)
+        pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if run.verify else None,
+                            rel_atol=tolerance(model), rtol=0.0, final_capture=False, progress=run.progress,
+                            calibration=tuple(batches), dumper=run.dumper())
         result = pipeline.run(cg, facts=INITIAL_FACTS)
     except BaseException:
         if snapshot is not None:
@@ -117,19 +140,25 @@ def _ids(index: int, ids: torch.Tensor) -> torch.Tensor:
     return ids.long().reshape(1, -1) if ids.dim() == 1 else ids.long()
 
 
-class _Snapshot:
-    """Every submodule, parameter (and its values), buffer and forward pre-hook of a model, to restore."""
+def _slots(module: torch.nn.Module) -> tuple[str, ...]:
+    """The dicts a pass may add to: submodules, parameters, buffers and every kind of hook (forward
+    pre/post with and without kwargs, backward, state-dict: all the `_*hooks*` dicts torch keeps)."""
+    hooks = tuple(k for k, v in vars(module).items() if "hooks" in k and isinstance(v, dict))
+    return ("_modules", "_parameters", "_buffers", *hooks)
 
-    SLOTS = ("_modules", "_parameters", "_buffers", "_forward_pre_hooks")
+
+class _Snapshot:
+    """Every submodule, parameter (and its values), buffer and hook of a model, to restore."""
 
     def __init__(self, model: torch.nn.Module):
-        self.saved = [(m, {slot: dict(getattr(m, slot)) for slot in self.SLOTS}) for m in model.modules()]
+        self.saved = [(m, {slot: dict(getattr(m, slot)) for slot in _slots(m)}) for m in model.modules()]
         tensors = [t for _, slots in self.saved for slot in ("_parameters", "_buffers")
                    for t in slots[slot].values() if t is not None]
         self.values = {id(t): (t, t.detach().to("cpu", copy=True)) for t in tensors}  # host copy: spares GPU memory
         self.attributes = [(m, set(vars(m))) for m, _ in self.saved]  # plain attributes a pass may add
         config = getattr(model, "config", None)
         self.config = (config, dict(vars(config))) if config is not None else None
+        self.records = records.snapshot(m for m, _ in self.saved)  # codes recorded by quantize steps
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -145,3 +174,4 @@ class _Snapshot:
         if self.config is not None:
             vars(self.config[0]).clear()
             vars(self.config[0]).update(self.config[1])
+        records.restore(self.records)

@@ -1,7 +1,9 @@
 """Calibration: run token windows through a model block by block, and observe what layers see.
 
-Entry points: `decoder_blocks(model, paths)`, `block_sweep(model, batches, blocks)` and `observe(block, ...)`
-(per-channel `ChannelStats`, inputs, recorded calls). The one idea: a decoder is a list of blocks that each map the
+Entry points: `sweep(cg, groups)` (what calibrated passes iterate: each block with the groups of
+linears inside it, over the run's calibration data `cg.context.calibration`), `require_calibration`
+(their `check`), and below them `decoder_blocks(model, paths)`, `block_sweep(model, batches, blocks)`
+and `observe(block, ...)` (per-channel `ChannelStats`, inputs, recorded calls). The one idea: a decoder is a list of blocks that each map the
 hidden state to the next, so calibration holds one block's inputs at a time: the hidden states
 entering block 0 and every block's keyword arguments (masks, rotary tables) are recorded in one
 cheap forward in which each block is the identity, then each block runs on its inputs, lets the
@@ -224,3 +226,36 @@ def _relative(root: str, paths) -> list[str]:
 
 def _absolute(root: str, rel: str) -> str:
     return rel if not root else (root if rel == "" else f"{root}.{rel}")
+
+
+def require_calibration(cg, structure, cfg) -> None:
+    """The `check` of a calibrated pass: refuse before any pass runs when there is no data."""
+    if not cg.context.calibration:
+        raise CalibrationError(
+            "this pass measures activations and needs calibration data: fxquant.quantize(model, recipe, "
+            "calibration=token_ids) with a LongTensor [n, seq] (e.g. fxquant.eval.calibration_windows), "
+            "or on the command line any model with a tokenizer (the default text's first windows are used)")
+
+
+class SiteGroup:
+    """One linear as a group of one reader: what `sweep` takes for per-linear passes."""
+
+    def __init__(self, site):
+        self.readers = (site,)
+
+
+def sweep(cg, groups: list) -> Iterator[tuple[Block, list]]:
+    """Yield (block, its groups) over the run's calibration data, block by block; groups outside
+    every block come last, with the whole model as their block. A group is anything whose
+    `readers[0].module` names the module it sits in (a ScaleGroup, a SiteGroup)."""
+    blocks = decoder_blocks(cg.model, [g.readers[0].module for g in groups])
+    by_block: dict[str, list] = {}
+    for g in groups:
+        by_block.setdefault(block_of(g.readers[0].module, blocks), []).append(g)
+    batches = list(cg.context.calibration)
+    for block in block_sweep(cg.model, batches, blocks, progress=cg.context.progress):
+        if by_block.get(block.path):
+            yield block, by_block[block.path]
+    if blocks and by_block.get(""):
+        for block in block_sweep(cg.model, batches, [], progress=False):
+            yield block, by_block[""]

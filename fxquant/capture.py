@@ -11,12 +11,12 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from collections import defaultdict
 
 import torch
 
 from fxquant.errors import CaptureError
 from fxquant.ir import META_MODULE, META_PARAM, CapturedGraph, ParamRef
+from fxquant.weights import shared_names
 
 DEFAULT_SEQ_LEN = 16
 
@@ -97,10 +97,7 @@ def _link_params(model, ep) -> dict[str, ParamRef]:
 
 def _tied_groups(model) -> tuple[tuple[str, ...], ...]:
     """Groups of parameter names that share one tensor (e.g. embed_tokens.weight and lm_head.weight)."""
-    by_tensor = defaultdict(list)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_tensor[id(p)].append(name)
-    return tuple(tuple(sorted(names)) for names in by_tensor.values() if len(names) > 1)
+    return tuple(tuple(sorted(names)) for names in shared_names(model).values() if len(names) > 1)
 
 
 def _module_path(node) -> str:

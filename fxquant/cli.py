@@ -3,6 +3,7 @@
     fxquant quantize --model smollm2 [--recipe rotate-r1r2-w8a8] [--eval-windows N]
     fxquant inspect  --model smollm2|PATH|tiny-ARCH   # capture + analyse, print tables, dump graph
     fxquant eval     --model smollm2|PATH|DIR [--recipe NAME]   # perplexity (before -> after a recipe)
+    fxquant recipes  [NAME]   # list the presets, or print one preset's TOML file to copy and edit
 
 Errors from fxquant exit with status 2 and their message, never a traceback.
 """
@@ -56,15 +57,35 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--calibration", type=int, default=32, metavar="N",
                     help="with --recipe: calibration windows for calibrated passes (default 32)")
     ev.set_defaults(run=_eval)
+    rec = sub.add_parser("recipes", help="list the presets, or print one preset's TOML recipe file")
+    rec.add_argument("name", nargs="?", metavar="NAME",
+                     help="print this preset's file, to copy and edit: fxquant recipes w4a16 > mine.toml")
+    rec.set_defaults(run=_recipes)
     return parser
+
+
+def _recipes(args) -> int:
+    """Every preset with what it does and its pass chain, or one preset's TOML file as packaged."""
+    from fxquant.recipes import DEFAULT_RECIPE, PRESETS, preset_description, preset_text
+
+    if args.name:
+        print(preset_text(args.name), end="")
+        return 0
+    width = max(map(len, PRESETS))
+    for name, steps in PRESETS.items():
+        default = " (the default recipe)" if name == DEFAULT_RECIPE else ""
+        print(f"{name:<{width}}  {preset_description(name)}{default}")
+        print(f"{'':<{width}}  {' -> '.join(key for key, _ in steps)}")
+    print("\nfxquant recipes NAME > mine.toml  prints a preset's file; edit it, then "
+          "fxquant quantize --recipe mine.toml")
+    return 0
 
 
 def _inspect(args) -> int:
     from fxquant.analysis import analyse
-    from fxquant.analysis.report import format_structure
     from fxquant.capture import capture
     from fxquant.models import load_model
-    from fxquant.viz import graph_text
+    from fxquant.viz import format_structure, graph_text
 
     t0 = time.perf_counter()
     model, _ = load_model(args.model)
@@ -136,7 +157,7 @@ def _quantize(args) -> int:
 def _print_result(result, limit: int = 5) -> None:
     """The recipe line, the table of passes, the timing line, then the first few things a pass
     declined to do with its reason (the table only counts them)."""
-    from fxquant.report import result_table
+    from fxquant.viz import result_table
 
     print(f"{result.log[0]}\n\n{result_table(result)}\n\n{result.log[-1]}")
     blocked = [(name, b) for name, res in result.results.items() for b in res.blocked]
@@ -147,23 +168,17 @@ def _print_result(result, limit: int = 5) -> None:
 
 
 def _fields(pairs: list[str]) -> dict:
-    """`["group_size=64", "rotation=hadamard"]` -> {"group_size": 64, "rotation": "hadamard"} (TOML values)."""
-    import tomllib
-
+    """`["group_size=64", "rotation=hadamard"]` -> {"group_size": 64, "rotation": "hadamard"} (TOML values;
+    `group_size=none`: None, one scale per output channel)."""
     from fxquant.errors import RecipeError
+    from fxquant.recipes import parse_value
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set expects FIELD=VALUE, got {pair!r}")
-        if value in ("None", "none", "null"):
-            out[key] = None  # TOML has no null: group_size=None means one scale per output channel
-            continue
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value  # a bare word: a string
+        out[key] = parse_value(value)
     return out
 
 

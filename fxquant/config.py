@@ -3,7 +3,9 @@
 Entry points: the `*Config` classes, `config_from_dict(cls, fields)` and `config_to_dict(cfg)`.
 The one idea: a config is plain data checked at construction (a bad value fails before any model
 is touched, with the allowed values in the message), and it round-trips to a dict / TOML table
-keyed by `_type`, resolved through `CONFIG_TYPES`, never by pickle or import paths.
+keyed by `_type`, resolved through `CONFIG_TYPES`, never by pickle or import paths. The weight
+quantizers' configs keep their format as flat fields (recipes and `--set bits=4` name them) and
+check and expose it through one `QuantFormat` (`cfg.format`).
 """
 from __future__ import annotations
 
@@ -11,21 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from fxquant.errors import RecipeError
+from fxquant.quant.format import QuantFormat, check_format
+from fxquant.quant.format import int_in as _int_in
+from fxquant.quant.format import one_of as _one_of
+from fxquant.quant.gptq import GPTQOptions
 
 ROTATION_KINDS = ("hadamard", "random-hadamard", "random-orthogonal")  # = fxquant.hadamard.KINDS
 PRECISIONS = ("float64", "float32")
-ZERO_POINTS = ("float", "int")  # asymmetric weights: tinygemm's float zero (x = q*s + z) or an integer one
-
-
-def _one_of(owner: str, field: str, value, allowed) -> None:
-    # exact types too: 8.0 == 8 and True == 1 in Python, but a config of bits=8.0 is a typo
-    if value not in allowed or type(value) not in {type(a) for a in allowed}:
-        raise RecipeError(f"{owner}.{field} = {value!r} is not one of {list(allowed)}")
-
-
-def _int_in(owner: str, field: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise RecipeError(f"{owner}.{field} = {value!r} must be an integer in [{lo}, {hi}]")
 
 
 def _ratio(owner: str, field: str, value, lo_open: bool = True) -> None:
@@ -33,6 +27,26 @@ def _ratio(owner: str, field: str, value, lo_open: bool = True) -> None:
         and value <= 1
     if not ok:
         raise RecipeError(f"{owner}.{field} = {value!r} must be in {'(0' if lo_open else '[0'}, 1]")
+
+
+def _check_clip(cfg) -> None:
+    """clip_ratio in (0, 1] or clip_search, not both (WeightQuantConfig, GPTQConfig)."""
+    owner = type(cfg).__name__
+    _ratio(owner, "clip_ratio", cfg.clip_ratio)
+    _one_of(owner, "clip_search", cfg.clip_search, (True, False))
+    if cfg.clip_search and cfg.clip_ratio != 1.0:
+        raise RecipeError(f"{owner}: give clip_ratio or clip_search=true, not both")
+
+
+class _FormatFields:
+    """A config whose `bits`, `symmetric`, `group_size` and `zero_point` fields name a QuantFormat."""
+
+    @property
+    def format(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.symmetric, self.group_size, self.zero_point)
+
+    def _check_format(self) -> None:
+        check_format(self, type(self).__name__)
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,7 @@ class RotationConfig:
 
 
 @dataclass(frozen=True)
-class WeightQuantConfig:
+class WeightQuantConfig(_FormatFields):
     """Round-to-nearest weights: `bits`, symmetric or not, per output channel or in input groups.
 
     `zero_point` (asymmetric only): "float", the tinygemm / FBGEMM int4 format (codes from the group
@@ -80,22 +94,9 @@ class WeightQuantConfig:
     clip_search: bool = False  # per group, the clip ratio in 1.0..0.5 with the least squared error
     zero_point: str = "float"
 
-    @property
-    def float_zero(self) -> bool:
-        return not self.symmetric and self.zero_point == "float"
-
     def __post_init__(self):
-        _one_of("WeightQuantConfig", "bits", self.bits, (2, 3, 4, 8))
-        _one_of("WeightQuantConfig", "symmetric", self.symmetric, (True, False))
-        if self.group_size is not None:
-            _int_in("WeightQuantConfig", "group_size", self.group_size, 1, 2 ** 20)
-        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) \
-                or not 0 < self.clip_ratio <= 1:
-            raise RecipeError(f"WeightQuantConfig.clip_ratio = {self.clip_ratio!r} must be in (0, 1]")
-        _one_of("WeightQuantConfig", "clip_search", self.clip_search, (True, False))
-        if self.clip_search and self.clip_ratio != 1.0:
-            raise RecipeError("WeightQuantConfig: give clip_ratio or clip_search=true, not both")
-        _one_of("WeightQuantConfig", "zero_point", self.zero_point, ZERO_POINTS)
+        self._check_format()
+        _check_clip(self)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class ActQuantConfig:
     def __post_init__(self):
         _one_of("ActQuantConfig", "bits", self.bits, (4, 8))
         _one_of("ActQuantConfig", "symmetric", self.symmetric, (True, False))
-        _ratio("WeightQuantConfig", "clip_ratio", self.clip_ratio)
+        _ratio("ActQuantConfig", "clip_ratio", self.clip_ratio)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class KVQuantConfig:
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
+class GPTQConfig(_FormatFields):
     """GPTQ: the target weight quantizer (as WeightQuantConfig: bits, symmetric, group_size,
     clip_ratio, clip_search, zero_point) and the solver's dampening (fraction of mean diag H), block
     size of lazy updates and act_order (channels by decreasing diag H)."""
@@ -140,14 +141,14 @@ class GPTQConfig:
     act_order: bool = False
     zero_point: str = "float"
 
-    float_zero = WeightQuantConfig.float_zero
+    @property
+    def options(self) -> GPTQOptions:
+        """The solver's options (fxquant.quant.gptq)."""
+        return GPTQOptions(self.damp, self.block_size, self.act_order, self.clip_ratio, self.clip_search)
 
     def __post_init__(self):
-        try:
-            WeightQuantConfig(self.bits, self.symmetric, self.group_size, self.clip_ratio, self.clip_search,
-                              self.zero_point)
-        except RecipeError as exc:
-            raise RecipeError(str(exc).replace("WeightQuantConfig", "GPTQConfig")) from None
+        self._check_format()
+        _check_clip(self)
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
             raise RecipeError(f"GPTQConfig.damp = {self.damp!r} must be in (0, 1)")
         _int_in("GPTQConfig", "block_size", self.block_size, 1, 2 ** 20)
@@ -187,7 +188,7 @@ class SmoothQuantConfig:
 
 
 @dataclass(frozen=True)
-class AWQConfig:
+class AWQConfig(_FormatFields):
     """AWQ: the weight quantizer it protects against (bits, symmetric, group_size, zero_point), the search grid
     over alpha in [0, 1), `duo_scaling` (s = x^a / w^(1-a); False: s = x^a; "both": try each), the
     scope (as SmoothQuantConfig), `search_tokens` (the calibration tokens each grid point's loss runs
@@ -205,14 +206,8 @@ class AWQConfig:
     precision: str = "float64"
     zero_point: str = "float"
 
-    float_zero = WeightQuantConfig.float_zero
-
     def __post_init__(self):
-        _one_of("AWQConfig", "bits", self.bits, (2, 3, 4, 8))
-        _one_of("AWQConfig", "zero_point", self.zero_point, ZERO_POINTS)
-        _one_of("AWQConfig", "symmetric", self.symmetric, (True, False))
-        if self.group_size is not None:
-            _int_in("AWQConfig", "group_size", self.group_size, 1, 2 ** 20)
+        self._check_format()
         _int_in("AWQConfig", "grid", self.grid, 1, 1000)
         _one_of("AWQConfig", "duo_scaling", self.duo_scaling, (True, False, "both"))
         _one_of("AWQConfig", "scope", self.scope, SCOPES)

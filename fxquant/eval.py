@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxquant.errors import RecipeError
+from fxquant.verify import main_tensor
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     with torch.inference_mode(), bar:
         for batch in windows.split(batch_size):
             batch = batch.to(device)
-            logits = _logits(model(batch, use_cache=False))
+            logits = main_tensor(model(batch, use_cache=False))
             # NLL of token t+1 given tokens 0..t, summed over the batch
             nll += F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
@@ -141,10 +142,3 @@ def _stream(tokens: torch.Tensor) -> torch.Tensor:
             f"expected a 1-D token stream, got shape {tuple(tokens.shape)}; pass default_tokens(tokenizer)."
         )
     return tokens.long()
-
-
-def _logits(out) -> torch.Tensor:
-    """The logits of a transformers output object, a tuple whose first item is logits, or a tensor."""
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out

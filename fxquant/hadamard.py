@@ -222,8 +222,14 @@ def rotation_matrix(kind: str, n: int, *, seed: int = 0, block_size: int | None 
     if b != n:
         q = torch.block_diag(*[q] * (n // b))
     if kind == "random-hadamard":
-        q = q * (2.0 * torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) - 1.0)
+        q = q * _random_signs(n, gen)
     return q.to(dtype)
+
+
+def _random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
+    """The +-1 column signs of a random Hadamard: one draw, shared by the dense matrix and the
+    transform so the two agree for every (n, seed)."""
+    return 2.0 * torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) - 1.0
 
 
 DENSE_UP_TO = 1024  # below this a GEMM with the dense Q beats the butterfly's k passes over memory (CPU, measured)
@@ -240,8 +246,7 @@ def rotation_operator(kind: str, n: int, *, seed: int = 0, block_size: int | Non
     if kind == "random-orthogonal" or b <= DENSE_UP_TO:
         q = rotation_matrix(kind, n, seed=seed, block_size=block_size)
         return lambda x: x @ q.to(device=x.device, dtype=x.dtype)
-    gen = torch.Generator().manual_seed(seed)
-    signs = 2.0 * torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) - 1.0 if kind == "random-hadamard" else None
+    signs = _random_signs(n, torch.Generator().manual_seed(seed)) if kind == "random-hadamard" else None
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         y = hadamard_transform(x.reshape(*x.shape[:-1], n // b, b), transpose=True).reshape(x.shape)

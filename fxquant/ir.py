@@ -32,6 +32,15 @@ class ParamRef:
         return self.fqn
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a recipe run hands its passes besides the graph, owned and set by the Pipeline:
+    the calibration batches (model-input dicts) and whether long passes show a progress bar."""
+
+    calibration: tuple[dict, ...] = ()
+    progress: bool = False
+
+
 @dataclass
 class CapturedGraph:
     """A model, its fx graph, and the node -> parameter links between them.
@@ -47,7 +56,7 @@ class CapturedGraph:
     tied: tuple[tuple[str, ...], ...] = ()
     example_inputs: tuple = ()
     capture_seconds: float = 0.0
-    meta: dict = field(default_factory=dict)
+    context: RunContext = field(default_factory=RunContext)
 
     @property
     def graph(self) -> torch.fx.Graph:

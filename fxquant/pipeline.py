@@ -4,25 +4,24 @@ Entry point: `Pipeline(steps).run(cg) -> PipelineResult`. A pass is a plain func
 `fn(cg, structure, cfg) -> PassResult` that declares facts with `@fxpass(requires=, provides=,
 invalidates=)`. The one idea: a pass only edits the model; the Pipeline checks the facts before
 anything runs, re-captures and re-analyses after an invalidation, lints, verifies the float outputs,
-logs one line per pass and dumps the graph, and on failure names the pass and the passes before it.
+logs one line per pass and hands the graph to a dumper, and on failure names the pass and the
+passes before it.
 """
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from fxquant.capture import capture as capture_model
 from fxquant.errors import FxquantError, PassError, RecipeError
-from fxquant.ir import CapturedGraph
+from fxquant.ir import CapturedGraph, RunContext
 from fxquant.verify import as_inputs, finite_weights, model_outputs, outputs_unchanged
 
 LOGGER = logging.getLogger("fxquant")
@@ -130,6 +129,19 @@ class Step:
 
 
 @dataclass(frozen=True)
+class DumpSnapshot:
+    """What the Pipeline hands its dumper: the step's position (0 = the input, before any pass), its
+    name, its PassResult (None for the input), its log lines (the summary, then one per Change) and
+    the graph as it stands after the step, re-captured if the step left it stale."""
+
+    index: int
+    step: str
+    cg: CapturedGraph
+    result: PassResult | None = None
+    lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PipelineResult:
     """The final graph and structure, each step's PassResult by name, the facts now true, the log,
     and the seconds each pass took (its own work, not the checks after it)."""
@@ -220,8 +232,9 @@ class Pipeline:
 
     `verify_inputs` is `(args, kwargs)` (or True for `cg.example_inputs`) to check after each pass
     that the float outputs match those before the first pass, within `atol` (or `rel_atol` times
-    the largest reference output) + `rtol`. `dump_dir` (or env FXQUANT_DUMP)
-    receives `NN_<step>.txt` graph dumps. `analyse` and `capture` default to fxquant's own.
+    the largest reference output) + `rtol`. `dumper` is called with a `DumpSnapshot` of the input
+    and after each step (`fxquant.viz.TextDumper(dir)` writes `NN_<step>.txt` graph dumps).
+    `analyse` and `capture` default to fxquant's own.
     A pass that changed nothing invalidates nothing; a re-capture is deferred until a later pass
     (or a dump) reads the graph, and `final_capture=False` skips the last one when only the model
     matters (it is then `result.cg` that is stale: call `capture(model)` to see the final graph).
@@ -240,10 +253,11 @@ class Pipeline:
     atol: float = 1e-4
     rel_atol: float | None = None  # when set, atol = rel_atol * max |reference output|
     rtol: float = 1e-4
-    dump_dir: str | os.PathLike | None = None
+    dumper: Callable | None = None  # called with a DumpSnapshot of the input and after each step
     log: logging.Logger | None = LOGGER
     final_capture: bool = True
     progress: bool = False  # a tqdm bar over the steps (on stderr), for long runs on real models
+    calibration: tuple = ()  # model-input dicts the calibrated passes sweep (cg.context.calibration)
 
     def __post_init__(self):
         steps = tuple(s if isinstance(s, Step) else Step(s) for s in self.steps)
@@ -256,6 +270,7 @@ class Pipeline:
     def run(self, cg: CapturedGraph, facts=()) -> PipelineResult:
         """Run every step on `cg` (whose model is edited in place); `facts` are already true of it."""
         check_order(self.steps, facts)
+        cg.context = RunContext(tuple(self.calibration), self.progress)  # what the passes read besides the graph
         inputs = self._inputs(cg)
         state = _State(cg, (self.analyse or _default_analyse)(cg), set(facts), inputs)
         for step in self.steps:
@@ -265,7 +280,7 @@ class Pipeline:
         if inputs is not None:
             state.reference = model_outputs(cg.model, inputs)
             state.atol = self.atol if self.rel_atol is None else self.rel_atol * state.reference.abs().max().item()
-        self._dump(state, 0, "input", "")
+        self._dump(state, 0, "input")
         bar = tqdm(total=len(self.steps), desc="passes", unit="pass", disable=not self.progress, leave=False)
         for index, step in enumerate(self.steps, start=1):
             bar.set_postfix_str(step.name)
@@ -321,7 +336,7 @@ class Pipeline:
         args, kwargs = as_inputs(cg.example_inputs) if cg.example_inputs else ((), {})
         example = _capture_inputs(cg.model, args, kwargs) if (args or kwargs) else None
         fresh = (self.capture or capture_model)(cg.model, example)
-        fresh.meta.update(cg.meta)
+        fresh.context = cg.context
         return fresh
 
     def _verify(self, step: Step, state: _State) -> None:
@@ -348,20 +363,15 @@ class Pipeline:
             self.log.info(line)
             for change in result.changes:
                 self.log.debug("  %s", change)
-        self._dump(state, index, step.name, "\n".join([line, *map(str, result.changes)]))
+        self._dump(state, index, step.name, result, (line, *map(str, result.changes)))
         state.done.append(step.name)
 
-    def _dump(self, state: _State, index: int, name: str, header: str) -> None:
-        folder = self.dump_dir or os.environ.get("FXQUANT_DUMP")
-        if not folder:
+    def _dump(self, state: _State, index: int, name: str, result: PassResult | None = None, lines=()) -> None:
+        """Hand the dumper a snapshot, re-capturing first when a pass left the graph stale."""
+        if self.dumper is None:
             return
         self._refresh(state)
-        from fxquant.viz.text import graph_text  # imported only when a dump is asked for
-
-        path = Path(folder) / f"{index:02d}_{name}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        comment = "".join(f"# {line}\n" for line in header.splitlines())
-        path.write_text(comment + graph_text(state.cg) + "\n")
+        self.dumper(DumpSnapshot(index, name, state.cg, result, tuple(lines)))
 
 
 def _signature(graph) -> tuple:

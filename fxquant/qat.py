@@ -24,10 +24,10 @@ from fxquant.api import apply_recipe
 from fxquant.capture import capture
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
-from fxquant.passes.pack import pack_model
-from fxquant.passes.quantize_weights import check_group_size, quantize_weight, round_weight
+from fxquant.quant.pack import pack_model
+from fxquant.quant.rtn import apply_quantized, check_group_size, quantize_weight, round_weight
 from fxquant.recipes import Recipe, load_recipe
-from fxquant.weights import assign_quantized, canonical
+from fxquant.weights import canonical
 
 _NOT_TRAINABLE = {"gptq", "awq_clip"}  # they write final weights from calibration: nothing to train through
 
@@ -96,7 +96,7 @@ def convert(model: torch.nn.Module, pack: bool = True) -> torch.nn.Module:
                 latent = module.parametrizations[name].original.detach()
                 qw = quantize_weight(canonical(latent, fq.transposed), fq.cfg)
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-                assign_quantized(module, name, qw, fq.transposed)
+                apply_quantized(module, name, qw, fq.transposed)
     if pack:
         pack_model(model)
     return model

@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from fxquant.errors import ModelLoadError
-from fxquant.passes.pack import pack_model
+from fxquant.errors import ModelLoadError, RecipeError
+from fxquant.quant.pack import pack_model
 from fxquant.runtime.attention import ATTR, install
 from fxquant.runtime.hooks import HOOK_TYPES
 from fxquant.runtime.linear import QuantizedLinear
@@ -322,8 +322,8 @@ def _build_module(path: str, spec: dict, dtype: torch.dtype) -> torch.nn.Module:
     if kind == "QuantizedLinear":
         fields = {k: v for k, v in spec.items() if k != "type"}
         try:
-            return QuantizedLinear(**fields, dtype=dtype)
-        except TypeError as exc:
+            return QuantizedLinear.from_spec(fields, dtype)
+        except (TypeError, RecipeError) as exc:
             raise ModelLoadError(f"module '{path}': the saved QuantizedLinear fields {sorted(fields)} do not match "
                                  f"this fxquant's ({exc})") from None
     if kind != "RMSNorm":

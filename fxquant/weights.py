@@ -1,7 +1,7 @@
 """The only code that edits a model's parameters: rotations, scales, centring, untying, replacement.
 
 Entry points: `rotate_in`, `rotate_out`, `scale_in`, `scale_out`, `shift_in`, `center_out`, `untie`, `assign`,
-`assign_quantized`.
+`assign_quantized`, `add_bias`, `add_parameter`, `set_storage` (a search's trial weights), `replace_module`.
 The one idea: every linear weight is handled in one canonical layout, `[..., out, in]` (y = x W^T),
 whatever its storage (Conv1D and some MoE experts store `[in, out]`: `transposed=True`; an
 embedding table `[vocab, hidden]` is a transposed linear from one-hot ids). The math runs under
@@ -124,21 +124,21 @@ def assign(target: torch.Tensor, value: torch.Tensor) -> None:
     _write(target, value)
 
 
-QUANTIZED = "fxquant_quantized"  # module attribute: {weight name: (QuantizedWeight, transposed)}
-
-
 @torch.no_grad()
 def assign_quantized(module: torch.nn.Module, name: str, qw, transposed: bool) -> None:
-    """Give `module.name` the values of `qw` (a canonical-layout QuantizedWeight), and keep `qw` on the
-    module: the codes and scales a pack step stores, instead of re-deriving them from the values."""
+    """Give `module.name` the values of `qw` (a canonical-layout QuantizedWeight), in the parameter's
+    storage layout and dtype (fxquant.quant.records keeps the record of its codes)."""
     weight = getattr(module, name)
     _write(weight, canonical(qw.values(weight.dtype), transposed))
-    module.__dict__.setdefault(QUANTIZED, {})[name] = (qw, transposed)
 
 
-def quantized_weights(module: torch.nn.Module) -> dict:
-    """{weight name: (QuantizedWeight, transposed)} recorded on `module` by `assign_quantized`."""
-    return module.__dict__.get(QUANTIZED, {})
+def shared_names(model: torch.nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it is reachable under; more than one name is a tie (the one rule
+    capture, norm folding and equalization use to find tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
 
 
 def untie(module: torch.nn.Module, name: str) -> torch.nn.Parameter:
@@ -155,6 +155,22 @@ def add_bias(module: torch.nn.Module, out_features: int, like: torch.Tensor) -> 
     bias = torch.nn.Parameter(torch.zeros(out_features, dtype=like.dtype, device=like.device))
     module.bias = bias
     return bias
+
+
+@torch.no_grad()
+def add_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> torch.nn.Parameter:
+    """Give `module` a new frozen parameter `name` holding a copy of `value` (an explicit input scale)."""
+    param = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+    module.register_parameter(name, param)
+    return param
+
+
+def set_storage(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Point a whole parameter at `value` (a search trying candidate weights) and return its previous
+    storage, which a second call puts back; no copy either way."""
+    previous = target.data
+    target.data = value
+    return previous
 
 
 def replace_module(model: torch.nn.Module, path: str, new: torch.nn.Module) -> torch.nn.Module:

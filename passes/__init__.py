@@ -14,8 +14,8 @@ from fxquant.passes.equalize import cross_layer_equalize, smooth_quant
 from fxquant.passes.fold_norms import fold_norms, layernorms_to_rms
 from fxquant.passes.gptq import gptq
 from fxquant.passes.pack import pack
-from fxquant.passes.online_hadamard import insert_online_hadamard, quantize_kv_cache, rotate_qk
-from fxquant.passes.quantize_activations import quantize_activations
+from fxquant.passes.online_rotations import insert_online_hadamard, rotate_qk
+from fxquant.passes.quantize_activations import quantize_activations, quantize_kv_cache
 from fxquant.passes.quantize_weights import quantize_weights
 from fxquant.passes.rotate_residual import rotate_residual
 from fxquant.passes.rotate_vo import rotate_vo

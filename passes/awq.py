@@ -19,15 +19,14 @@ from __future__ import annotations
 import torch
 
 from fxquant.analysis.structure import Blocked
-from fxquant.calibrate import observe
+from fxquant.analysis.dataflow import quantized_sites
+from fxquant.calibrate import SiteGroup, observe, require_calibration, sweep
 from fxquant.config import AWQConfig
-from fxquant.passes.equalize import (
-    SiteGroup, column_scale, fold_scale, quantized_sites, reduce_columns, require_calibration, select_groups, sweep,
-)
+from fxquant.equalize import column_scale, fold_scale, reduce_columns, select_groups
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.numerics import fake_quantize
 from fxquant.verify import main_tensor
-from fxquant.weights import assign, canonical
+from fxquant.weights import assign, canonical, set_storage
 
 CLIP_TOKENS = 512  # calibration tokens the clip search measures each linear on (evenly spaced)
 
@@ -85,7 +84,7 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
     """The grid point whose quantized readers best reproduce the enclosing module's float output."""
     module = cg.model.get_submodule(enclosing(group))
     params = list({id(p): (p, r.transposed) for r in group.readers for p in [cg.param(r.weight)]}.values())
-    originals = [p.data for p, _ in params]
+    originals = [p.detach() for p, _ in params]
     calls = _first_tokens(calls, cfg.search_tokens)
     reference = [main_tensor(out).float() for _, out in calls]
     w_mean = weight_mean(cg, group, cfg.group_size)
@@ -94,16 +93,15 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
         for how, s in _candidates(x_mean.double(), w_mean, cfg):
             cols = column_scale(s, group).float()
             for (p, transposed), w in zip(params, originals):
-                q = fake_quantize(canonical(w, transposed).float() * cols, cfg.bits, cfg.symmetric, cfg.group_size,
-                                  float_zero=cfg.float_zero)
-                p.data = canonical(q / cols, transposed).to(w.dtype).contiguous()
+                q = fake_quantize(canonical(w, transposed).float() * cols, cfg.format)
+                set_storage(p, canonical(q / cols, transposed).to(w.dtype).contiguous())
             loss = sum(float(((main_tensor(call.run(module)).float() - ref) ** 2).sum())
                        for (call, _), ref in zip(calls, reference))
             if loss < best[0]:
                 best = (loss, s, how)
     finally:
         for (p, _), w in zip(params, originals):
-            p.data = w
+            set_storage(p, w)
     return best[1], best[2]
 
 
@@ -158,8 +156,7 @@ def clip_ranges(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> tuple[torch
     best, best_err = (lo.clone(), hi.clone()), torch.full(hi.shape[:2], float("inf"))
     for i in range(int(cfg.max_shrink * cfg.grid) + 1):
         shrink = 1 - i / cfg.grid
-        q = fake_quantize(torch.clamp(wg, lo * shrink, hi * shrink).reshape(out_f, in_f), cfg.bits, cfg.symmetric,
-                          cfg.group_size, float_zero=cfg.float_zero).reshape(wg.shape)
+        q = fake_quantize(torch.clamp(wg, lo * shrink, hi * shrink).reshape(out_f, in_f), cfg.format).reshape(wg.shape)
         err = ((partial(q) - reference) ** 2).mean(1).transpose(0, 1)  # [out, groups]
         better = err < best_err
         best = tuple(torch.where(better[..., None], end * shrink, b) for end, b in zip((lo, hi), best))

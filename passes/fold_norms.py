@@ -16,21 +16,13 @@ import torch
 from fxquant.config import NormFoldConfig
 from fxquant.errors import UnsupportedPatternError
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.weights import add_bias, assign, center_out, replace_module, scale_in, shift_in, untie
+from fxquant.weights import add_bias, assign, center_out, replace_module, scale_in, shared_names, shift_in, untie
 
 CENTRED_ATOL = 1e-5  # relative: |row mean| <= CENTRED_ATOL * max|row| counts as mean-free
 
 
 def _precision(cfg) -> torch.dtype:
     return getattr(torch, (cfg or NormFoldConfig()).precision)
-
-
-def shared_tensors(model: torch.nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every name it is reachable under (more than one name = a tie)."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return names
 
 
 def _untie_reader(cg, reader, shared) -> Change | None:
@@ -97,7 +89,7 @@ def fold_norms(cg, structure, cfg: NormFoldConfig | None) -> PassResult:
     structure.refuse_if_blocked("fold_norms")
     centre = _check_layernorm_model(structure)
     _refuse_expert_readers_of_biased_norms(structure)
-    prec, shared, changes = _precision(cfg), shared_tensors(cg.model), []
+    prec, shared, changes = _precision(cfg), shared_names(cg.model), []
     for group in structure.stream.groups:
         if group.norm is not None:
             changes += _fold_group(cg, group, prec, shared)

@@ -10,13 +10,13 @@ of experts) is rounded to nearest instead, and the change says so.
 """
 from __future__ import annotations
 
-from fxquant.calibrate import observe
+from fxquant.analysis.dataflow import quantized_sites
+from fxquant.calibrate import SiteGroup, observe, require_calibration, sweep
 from fxquant.config import GPTQConfig
-from fxquant.passes.equalize import SiteGroup, quantized_sites, require_calibration, sweep
-from fxquant.passes.quantize_weights import check_group_size, describe, quantize_site
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.gptq import gptq_quantize, gram, hessian_update
-from fxquant.weights import assign_quantized, canonical
+from fxquant.quant.rtn import apply_quantized, check_group_size, quantize_site
+from fxquant.weights import canonical
 
 
 def _check(cg, structure, cfg: GPTQConfig | None) -> None:
@@ -50,16 +50,15 @@ def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
             if id(weight) in seen:
                 continue
             seen.add(id(weight))
-            qw = gptq_quantize(canonical(weight.detach(), site.transposed), hessians[site.module][0], cfg.bits,
-                               cfg.symmetric, cfg.group_size, cfg.clip_ratio, cfg.clip_search, cfg.damp,
-                               cfg.block_size, cfg.act_order, cfg.float_zero)
-            assign_quantized(cg.owner(site.weight), site.weight.name, qw, site.transposed)
-            changes.append(Change("quantized", site.module, f"{describe(cfg)} GPTQ"))
+            qw = gptq_quantize(canonical(weight.detach(), site.transposed), hessians[site.module][0], cfg.format,
+                               cfg.options)
+            apply_quantized(cg.owner(site.weight), site.weight.name, qw, site.transposed)
+            changes.append(Change("quantized", site.module, f"{cfg.format.describe()} GPTQ"))
     for site in hidden:  # inputs no hook sees: round to nearest
         weight = cg.param(site.weight)
         if id(weight) in seen:
             continue
         seen.add(id(weight))
         quantize_site(cg, site, cfg)
-        changes.append(Change("quantized", site.module, f"{describe(cfg)} RTN (no hook sees this input)"))
+        changes.append(Change("quantized", site.module, f"{cfg.format.describe()} RTN (no hook sees this input)"))
     return PassResult(tuple(changes))

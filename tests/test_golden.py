@@ -18,7 +18,7 @@ import torch
 from fxquant import capture, quantize
 from fxquant.analysis.signature import op_signature, signature_diff
 from fxquant.models import tiny_model
-from fxquant.runtime.hooks import install_input_scale
+from fxquant.install import install_input_scale
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CASES = [("llama", "rotate-r1r2"), ("llama", "rotate-r1r2-w8a8"), ("opt", "rotate-r1r2"), ("gpt2", "w8a8"),

@@ -25,7 +25,7 @@ RANK = {
     # 3: pure analysis
     "fxquant.analysis": 3,
     # 4: the engine passes stand on: pipeline, configs, calibration, equalization and quantization libraries
-    "fxquant.pipeline": 4, "fxquant.config": 4, "fxquant.calibrate": 4, "fxquant.equalize": 4,
+    "fxquant.pipeline": 4, "fxquant.config": 4, "fxquant.calibrate": 4, "fxquant.equalize": 4, "fxquant.install": 4,
     "fxquant.quant": 4,
     # 5: renderers and dumpers (read results; never edit a model)
     "fxquant.viz": 5,

@@ -15,7 +15,7 @@ from fxquant.errors import PassError, RecipeError, UnsupportedPatternError
 from fxquant.models import tiny_model
 from fxquant.pipeline import Change, PassInfo, PassResult, Pipeline, Step, check_order, fxpass
 from fxquant.verify import finite_weights, model_outputs, outputs_unchanged
-from fxquant.viz import op_counts
+from fxquant.viz import TextDumper, op_counts
 
 aten = torch.ops.aten
 
@@ -285,17 +285,37 @@ def test_one_log_line_per_pass(tiny_llama, caplog):
 
 
 def test_dump_writes_one_file_per_pass(tiny_llama, tmp_path):
-    Pipeline([scale_lm_head, fold], analyse=CountingAnalyse(), dump_dir=tmp_path).run(tiny_llama)
+    Pipeline([scale_lm_head, fold], analyse=CountingAnalyse(), dumper=TextDumper(tmp_path)).run(tiny_llama)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00_input.txt", "01_scale_lm_head.txt", "02_fold.txt"]
     text = (tmp_path / "01_scale_lm_head.txt").read_text()
-    assert text.startswith("# scale_lm_head: 2 scaled, 0 blocked\n# scaled lm_head (x2.0)\n")
+    assert text.startswith("# scale_lm_head: 2 scaled, 0 blocked\n# scaled lm_head (x2.0)\n# scaled model.norm (/2.0)\n# ")
     assert "param lm_head.weight" in text
+    assert (tmp_path / "00_input.txt").read_text().startswith("# ")  # no log lines: the graph_text header
 
 
-def test_dump_dir_from_environment(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("FXQUANT_DUMP", str(tmp_path / "dumps"))
-    Pipeline([fold], analyse=CountingAnalyse()).run(tiny_llama)
-    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == ["00_input.txt", "01_fold.txt"]
+def test_a_custom_dumper_gets_the_input_then_one_fresh_snapshot_per_step(tiny_llama):
+    snapshots = []
+    result = Pipeline([scale_lm_head, insert_halving, fold], analyse=CountingAnalyse(),
+                      dumper=snapshots.append).run(tiny_llama)
+    assert [(s.index, s.step) for s in snapshots] == [(0, "input"), (1, "scale_lm_head"), (2, "insert_halving"), (3, "fold")]
+    assert snapshots[0].result is None and snapshots[0].lines == () and snapshots[0].cg is tiny_llama
+    assert snapshots[1].result is result.results["scale_lm_head"]
+    assert snapshots[1].lines == ("scale_lm_head: 2 scaled, 0 blocked", "scaled lm_head (x2.0)", "scaled model.norm (/2.0)")
+    # insert_halving left the graph stale: the dumper sees the re-captured graph with the new mul
+    fresh = snapshots[2].cg
+    assert fresh is not tiny_llama and any(fresh.module_of(n) == "lm_head.0" for n in fresh.graph.nodes)
+
+
+def test_api_dump_dir_and_environment_write_text_dumps(tmp_path, monkeypatch):
+    from fxquant.api import apply_recipe, quantize
+
+    recipe = {"passes": [{"pass": "fold_norms"}]}
+    quantize(tiny_model("llama"), recipe, dump_dir=tmp_path / "kw")
+    assert sorted(p.name for p in (tmp_path / "kw").iterdir()) == ["00_input.txt", "01_fold_norms.txt"]
+    monkeypatch.setenv("FXQUANT_DUMP", str(tmp_path / "env"))
+    apply_recipe(tiny_model("llama"), recipe)
+    assert sorted(p.name for p in (tmp_path / "env").iterdir()) == ["00_input.txt", "01_fold_norms.txt"]
+    assert (tmp_path / "env" / "01_fold_norms.txt").read_text().startswith("# fold_norms: ")
 
 
 def test_verify_helpers():

@@ -1,6 +1,6 @@
 """The table `fxquant quantize` prints, and the progress bar over passes."""
 from fxquant import apply_recipe
-from fxquant.report import module_names, result_table
+from fxquant.viz.report import module_names, result_table
 from fxquant.models import tiny_model
 
 

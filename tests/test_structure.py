@@ -6,6 +6,7 @@ import pytest
 
 from conftest import captured
 from fxquant.analysis import HeadMap
+from fxquant.viz import format_structure
 
 L = 2  # layers in every tiny model
 LLAMA_LIKE = ["llama", "qwen2", "qwen3", "mistral", "gemma"]
@@ -145,10 +146,18 @@ def test_tied_embeddings_are_reported():
 
 
 def test_report_folds_layers_and_lists_counts():
-    text = str(captured("llama")[1])
+    text = format_structure(captured("llama")[1])
     assert "1 stream sources, 5 norm->linear groups, 4 residual writers, 2 v->o chains" in text
     assert "model.layers.*.input_layernorm" in text and "q_proj k_proj v_proj  x2" in text
     assert "kv0:v[0:16]->q[0, 1] kv1:v[16:32]->q[2, 3]" in text
+    full = format_structure(captured("llama")[1], full=True)
+    assert "model.layers.0.input_layernorm" in full and "model.layers.1.input_layernorm" in full and "x2" not in full
+
+
+def test_str_is_a_one_line_summary_pointing_at_the_tables():
+    assert str(captured("llama")[1]) == (
+        "Structure: 5 norm->linear groups, 4 residual writers, 2 v->o chains, 2 mlp chains, 2 online sites, "
+        "0 blocked (fxquant.viz.format_structure(s) for the tables)")
 
 
 def test_mixtral_router_and_stacked_experts():

@@ -1,4 +1,5 @@
-"""viz.text: the graph dump names weights and modules, and op counts are exact."""
+"""viz.text: the graph dump names weights and modules, and op counts are exact; viz.names: the one
+layer-index folding rule every table uses."""
 from __future__ import annotations
 
 import operator
@@ -10,7 +11,7 @@ import torch.fx
 from fxquant.capture import capture
 from fxquant.ir import META_FROM
 from fxquant.models import tiny_model
-from fxquant.viz import graph_text, op_counts
+from fxquant.viz import fold_indices, graph_text, op_counts
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +70,15 @@ def test_synthetic_graph_literals_and_provenance():
 def test_rejects_other_objects():
     with pytest.raises(TypeError, match="CapturedGraph or torch.fx.GraphModule"):
         graph_text(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("text, folded", [
+    ("model.layers.3.mlp", "model.layers.*.mlp"),
+    ("input channels by model.layers.12.input_layernorm", "input channels by model.layers.*.input_layernorm"),
+    ("model.layers.0.mlp.up_proj[0:128] -> down_proj", "model.layers.*.mlp.up_proj[0:128] -> down_proj"),
+    ("transformer.h.11", "transformer.h.*"),  # a trailing index folds too
+    ("model.layers.0.experts.3.w1", "model.layers.*.experts.*.w1"),
+    ("rms, eps 0.1, ln_1, kv0:v[0:16], 1.8x fewer", "rms, eps 0.1, ln_1, kv0:v[0:16], 1.8x fewer"),  # not path components
+])
+def test_one_rule_folds_layer_indices_and_nothing_else(text, folded):
+    assert fold_indices(text) == folded

@@ -192,6 +192,14 @@ def hookable_modules(cg: CapturedGraph) -> set[str]:
             if n == 1 and isinstance(cg.model.get_submodule(path), LINEAR_MODULES)}
 
 
+def quantized_sites(cg: CapturedGraph) -> tuple[list[LinearSite], list[LinearSite]]:
+    """The linears a weight quantizer edits (all but the output layer), split into those whose
+    module's forward input is the linear's input (hooks can observe it) and the others."""
+    sites = [site for site, is_output in linear_sites(cg) if not is_output]
+    hookable = hookable_modules(cg)
+    return [s for s in sites if s.module in hookable], [s for s in sites if s.module not in hookable]
+
+
 def _reaches_output(node: Node) -> bool:
     frontier, seen = [node], {node}
     while frontier:

@@ -2,7 +2,8 @@
 
 `Structure` is pure data (frozen, hashable); transforms consume it and never re-derive it. Every
 item names graph nodes and module paths, and every place analysis could not prove is a `Blocked`
-entry with its reason, never a silent gap. `str(structure)` prints the tables `fxquant inspect` shows.
+entry with its reason, never a silent gap. `str(structure)` is a one-line summary; the tables
+`fxquant inspect` shows are `fxquant.viz.format_structure(structure)`.
 """
 from __future__ import annotations
 
@@ -182,6 +183,6 @@ class Structure:
         raise KeyError(f"no norm group for module {norm_module!r}")
 
     def __str__(self) -> str:
-        from fxquant.analysis.report import format_structure
-
-        return format_structure(self)
+        """One line of counts; the tables are `fxquant.viz.format_structure(s)` (viz runs after analysis)."""
+        summary = ", ".join(f"{n} {kind}" for kind, n in self.counts().items() if kind != "stream sources")
+        return f"Structure: {summary} (fxquant.viz.format_structure(s) for the tables)"

@@ -1,14 +1,14 @@
 """Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
 
-Entry points: `qrange`, `qparams` (+ `qparams_clip_search`, `weight_qparams`), `quantize`,
-`dequantize`, `fake_quantize`, `fake_quantize_clip_search`, `round_column` (GPTQ's per-channel
-step), and `QuantizedWeight` (codes, scales and zeros as a packed kernel holds them;
-`describe_format` names the format). The one idea: scales are computed over the last dimension,
-whole (per output channel of a `[out, in]` weight, per token of an activation) or in groups of
-`group_size` consecutive entries; symmetric ranges are [-2^(b-1), 2^(b-1)-1] with
-scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer zero point, or
-(`float_zero`) the tinygemm format. Scales and zeros are rounded to the dtype they are stored in,
-so stored codes dequantize to exactly the fake-quant values. Pure tensor math: no fx, no modules.
+Entry points: `qparams` (+ `qparams_clip_search`, `weight_qparams`), `quantize`, `dequantize`,
+`fake_quantize`, `fake_quantize_clip_search`, `round_column` (GPTQ's per-channel step), and
+`QuantizedWeight` (codes, scales and zeros as a packed kernel holds them). Every function takes a
+`QuantFormat` (fxquant.quant.format: bits, symmetric, group_size, zero_point). The one idea: scales
+are computed over the last dimension, whole (per output channel of a `[out, in]` weight, per token
+of an activation) or in groups of `group_size` consecutive entries; symmetric ranges are
+[-2^(b-1), 2^(b-1)-1] with scale = max|x| / (2^(b-1)-1), asymmetric ones [0, 2^b-1] with an integer
+zero point, or (zero_point "float") the tinygemm format. Scales and zeros are rounded to the dtype
+they are stored in, so stored codes dequantize to exactly the fake-quant values. Pure tensor math.
 """
 from __future__ import annotations
 
@@ -16,15 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fxquant.quant.format import QuantFormat
+
 EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
-
-
-def qrange(bits: int, symmetric: bool, float_zero: bool = False) -> tuple[int, int]:
-    """(qmin, qmax) of a `bits`-bit code: signed for symmetric (and float-zero) formats, unsigned for
-    asymmetric ones with an integer zero point."""
-    if symmetric or float_zero:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
 
 
 def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -48,88 +42,81 @@ def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 FLOAT_ZERO_EPS = 1e-6
 
 
-def qparams(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-            clip_ratio: float = 1.0, *, float_zero: bool = False,
+def qparams(x: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0, *,
             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group (scale, zero_point) of x, shaped [..., groups, 1]; zero_point is None when symmetric.
 
     `clip_ratio` < 1 shrinks the range before rounding (clipped outliers for finer steps elsewhere).
-    `float_zero` (asymmetric only): the tinygemm / FBGEMM format (comment above). `dtype`: the dtype
-    the scales will be stored in (default x's); they are rounded to it.
+    `dtype`: the dtype the scales will be stored in (default x's); they are rounded to it.
     """
-    g = _grouped(x.float(), group_size)
+    g = _grouped(x.float(), fmt.group_size)
     dtype = x.dtype if dtype is None else dtype
-    qmin, qmax = qrange(bits, symmetric)
-    if symmetric:
+    levels = 2 ** fmt.bits - 1  # qmax - qmin
+    if fmt.symmetric:
         amax = g.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        return _stored((amax / qmax).clamp_min(EPS), dtype), None
-    if float_zero:
+        return _stored((amax / fmt.qrange[1]).clamp_min(EPS), dtype), None
+    if fmt.float_zero:
         lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
         centre = (lo + hi) / 2  # the range shrinks about its centre (it need not contain 0)
         lo, hi = centre + (lo - centre) * clip_ratio, centre + (hi - centre) * clip_ratio
-        scale = _stored(((hi - lo) / (qmax - qmin)).clamp_min(FLOAT_ZERO_EPS), dtype)
-        return scale, _stored(lo + 2 ** (bits - 1) * scale, dtype)
+        scale = _stored(((hi - lo) / levels).clamp_min(FLOAT_ZERO_EPS), dtype)
+        return scale, _stored(lo + 2 ** (fmt.bits - 1) * scale, dtype)
     lo = g.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
     hi = g.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
-    scale = _stored(((hi - lo) / (qmax - qmin)).clamp_min(EPS), dtype)
-    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    scale = _stored(((hi - lo) / levels).clamp_min(EPS), dtype)
+    qmin = fmt.qrange[0]  # 0: unsigned codes
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmin + levels)  # the code of 0.0
     return scale, zero
 
 
-def _codes(g: torch.Tensor, scale, zero, bits: int, symmetric: bool, float_zero: bool) -> torch.Tensor:
+def _codes(g: torch.Tensor, scale, zero, fmt: QuantFormat) -> torch.Tensor:
     """Integer codes of grouped values g ([..., groups, size]): signed for symmetric and float-zero
     formats, unsigned (offset by the integer zero point) otherwise."""
-    qmin, qmax = qrange(bits, symmetric)
-    if float_zero and not symmetric:
-        mid = 2 ** (bits - 1)  # u in [0, 2^b - 1] from the group min, then re-centred
-        return torch.round((g - (zero - mid * scale)) / scale).clamp(qmin, qmax) - mid
+    qmin, qmax = fmt.qrange
+    if fmt.float_zero:
+        mid = 2 ** (fmt.bits - 1)  # u in [0, 2^b - 1] from the group min, then re-centred
+        return torch.round((g - (zero - mid * scale)) / scale).clamp(qmin + mid, qmax + mid) - mid
     q = torch.round(g / scale)
     if zero is not None:
         q = q + zero
     return q.clamp(qmin, qmax)
 
 
-def _values(q: torch.Tensor, scale, zero, float_zero: bool) -> torch.Tensor:
+def _values(q: torch.Tensor, scale, zero, fmt: QuantFormat) -> torch.Tensor:
     """Grouped codes -> float32 values: q*scale, (q - zero)*scale, or q*scale + zero (float zero)."""
     if zero is None:
         return q * scale
-    return q * scale + zero if float_zero else (q - zero) * scale
+    return q * scale + zero if fmt.float_zero else (q - zero) * scale
 
 
-def quantize(x, scale, zero, bits: int, symmetric: bool, group_size: int | None = None, *,
-             float_zero: bool = False) -> torch.Tensor:
-    """Integer codes of x (as floats), in x's shape: q = clamp(round(x / scale) + zero); with
-    `float_zero`, the signed codes of the float-zero format."""
-    return _codes(_grouped(x.float(), group_size), scale, zero, bits, symmetric, float_zero).reshape(x.shape)
+def quantize(x, scale, zero, fmt: QuantFormat) -> torch.Tensor:
+    """Integer codes of x (as floats), in x's shape: q = clamp(round(x / scale) + zero); for a
+    float-zero format, its signed codes."""
+    return _codes(_grouped(x.float(), fmt.group_size), scale, zero, fmt).reshape(x.shape)
 
 
-def dequantize(q, scale, zero, group_size: int | None = None, dtype=torch.float32, *,
-               float_zero: bool = False) -> torch.Tensor:
-    """x_hat = (q - zero) * scale (q * scale + zero with `float_zero`), in `dtype`."""
-    return _values(_grouped(q.float(), group_size), scale, zero, float_zero).reshape(q.shape).to(dtype)
+def dequantize(q, scale, zero, fmt: QuantFormat, dtype=torch.float32) -> torch.Tensor:
+    """x_hat = (q - zero) * scale (q * scale + zero for a float-zero format), in `dtype`."""
+    return _values(_grouped(q.float(), fmt.group_size), scale, zero, fmt).reshape(q.shape).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-                  clip_ratio: float = 1.0, *, float_zero: bool = False) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0) -> torch.Tensor:
     """Round x to its nearest representable value (quantize then dequantize), in x's dtype."""
-    scale, zero = qparams(x, bits, symmetric, group_size, clip_ratio, float_zero=float_zero)
-    q = quantize(x, scale, zero, bits, symmetric, group_size, float_zero=float_zero)
-    return dequantize(q, scale, zero, group_size, x.dtype, float_zero=float_zero)
+    scale, zero = qparams(x, fmt, clip_ratio)
+    return dequantize(quantize(x, scale, zero, fmt), scale, zero, fmt, x.dtype)
 
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
 
 
-def qparams_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-                        grid=CLIP_GRID, *, float_zero: bool = False,
+def qparams_clip_search(x: torch.Tensor, fmt: QuantFormat, grid=CLIP_GRID, *,
                         dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qparams with, per group, the clip ratio from `grid` whose rounding has the least squared error."""
     best = None
     for ratio in grid:
-        scale, zero = qparams(x, bits, symmetric, group_size, ratio, float_zero=float_zero, dtype=dtype)
-        xq = dequantize(quantize(x, scale, zero, bits, symmetric, group_size, float_zero=float_zero), scale, zero,
-                        group_size, float_zero=float_zero)
-        err = _grouped((xq - x.float()) ** 2, group_size).sum(dim=-1, keepdim=True)
+        scale, zero = qparams(x, fmt, ratio, dtype=dtype)
+        xq = dequantize(quantize(x, scale, zero, fmt), scale, zero, fmt)
+        err = _grouped((xq - x.float()) ** 2, fmt.group_size).sum(dim=-1, keepdim=True)
         if best is None:
             best = [err, scale, zero]
             continue
@@ -139,68 +126,51 @@ def qparams_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size:
     return best[1], best[2]
 
 
-def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-                   clip_ratio: float = 1.0, clip_search: bool = False, *, float_zero: bool = False,
+def weight_qparams(w: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0, clip_search: bool = False, *,
                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A weight quantizer's (scale, zero): per group the searched clip ratio, or the fixed `clip_ratio`."""
     if clip_search:
-        return qparams_clip_search(w, bits, symmetric, group_size, float_zero=float_zero, dtype=dtype)
-    return qparams(w, bits, symmetric, group_size, clip_ratio, float_zero=float_zero, dtype=dtype)
+        return qparams_clip_search(w, fmt, dtype=dtype)
+    return qparams(w, fmt, clip_ratio, dtype=dtype)
 
 
-def describe_format(bits: int, symmetric: bool, group_size: int | None, float_zero: bool) -> str:
-    """`int4 asym float-zero group 64` / `int8 sym per channel`: a weight format in words."""
-    how = f"group {group_size}" if group_size else "per channel"
-    zero = "sym" if symmetric else ("asym float-zero" if float_zero else "asym")
-    return f"int{bits} {zero} {how}"
-
-
-def fake_quantize_clip_search(x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
-                              grid=CLIP_GRID, *, float_zero: bool = False) -> torch.Tensor:
+def fake_quantize_clip_search(x: torch.Tensor, fmt: QuantFormat, grid=CLIP_GRID) -> torch.Tensor:
     """fake_quantize with, per group, the clip ratio from `grid` that minimises the squared error.
 
     Shrinking the range clips a few outliers but rounds everything else on a finer grid; for
     Gaussian-like (rotated) weights at 4 bits the best ratio is often well below 1.
     """
-    scale, zero = qparams_clip_search(x, bits, symmetric, group_size, grid, float_zero=float_zero)
-    return dequantize(quantize(x, scale, zero, bits, symmetric, group_size, float_zero=float_zero), scale, zero,
-                      group_size, x.dtype, float_zero=float_zero)
+    scale, zero = qparams_clip_search(x, fmt, grid)
+    return dequantize(quantize(x, scale, zero, fmt), scale, zero, fmt, x.dtype)
 
 
-def round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                 symmetric: bool, *, float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """One column [out] of a weight rounded with per-row `scale` / `zero` [out]: (codes, values), what
     GPTQ does one input channel at a time, with the same numerics as `quantize` / `dequantize`."""
-    q = _codes(w.float(), scale, zero, bits, symmetric, float_zero)
-    return q, _values(q, scale, zero, float_zero)
+    q = _codes(w.float(), scale, zero, fmt)
+    return q, _values(q, scale, zero, fmt)
 
 
 @dataclass(frozen=True, eq=False)
 class QuantizedWeight:
     """A weight as its kernel holds it: integer `codes` [out, in] (as stored: unsigned, code - qmin, in
-    uint8), `scale` and `zero` [out, groups] in the model dtype, and the format that reads them."""
+    uint8), `scale` and `zero` [out, groups] in the model dtype, and the format `fmt` that reads them."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
-    bits: int
-    symmetric: bool
-    group_size: int | None
-    float_zero: bool
+    fmt: QuantFormat
 
     def values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized weight [out, in], in `dtype` (default: the scales' dtype)."""
-        q = self.codes.float() + qrange(self.bits, self.symmetric, self.float_zero)[0]
+        q = self.codes.float() + self.fmt.qrange[0]
         zero = None if self.zero is None else self.zero.float()[..., None]
-        return dequantize(q, self.scale.float()[..., None], zero, self.group_size, dtype or self.scale.dtype,
-                          float_zero=self.float_zero)
+        return dequantize(q, self.scale.float()[..., None], zero, self.fmt, dtype or self.scale.dtype)
 
 
-def quantized_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                     symmetric: bool, group_size: int | None, float_zero: bool,
+def quantized_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QuantFormat,
                      dtype: torch.dtype) -> QuantizedWeight:
-    """Store integer codes (floats, in qrange) and [..., groups, 1] scales/zeros as a QuantizedWeight."""
-    float_zero = float_zero and not symmetric
-    qmin = qrange(bits, symmetric, float_zero)[0]
-    return QuantizedWeight((codes - qmin).to(torch.uint8), scale[..., 0].to(dtype),
-                           None if zero is None else zero[..., 0].to(dtype), bits, symmetric, group_size, float_zero)
+    """Store integer codes (floats, in fmt.qrange) and [..., groups, 1] scales/zeros as a QuantizedWeight."""
+    return QuantizedWeight((codes - fmt.qrange[0]).to(torch.uint8), scale[..., 0].to(dtype),
+                           None if zero is None else zero[..., 0].to(dtype), fmt)

@@ -2,7 +2,8 @@
 
 Entry points: `OnlineHadamard` (R4: x -> fxquant::hadamard(x)), `InputScale` (an equalization scale
 no weight could absorb: x -> x * s), `ActivationFakeQuant` (x -> fxquant::fake_quant(x) per token),
-`install_input_scale`, and `hooks_of(model, kind)` to list what is installed. The one idea: a hook
+and `hooks_of(model, kind)` to list what is installed (installing them is transform work:
+`fxquant.install`). The one idea: a hook
 lives on the model itself, so `generate()`, the KV cache and a re-capture all see it (torch.export
 records its op as a graph node); nothing in the graph is patched by hand.
 """
@@ -91,15 +92,3 @@ def remove_activation_hooks(module: torch.nn.Module) -> int:
     for key in keys:
         del module._forward_pre_hooks[key]
     return len(keys)
-
-
-def install_input_scale(module: torch.nn.Module, scale: torch.Tensor) -> None:
-    """Multiply `module`'s input by `scale` before anything else its pre-hooks do (composes with an
-    existing input scale: the two multiply)."""
-    existing = getattr(module, INPUT_SCALE, None)
-    if existing is not None:
-        existing.data = existing.data * scale.to(existing.dtype)
-        return
-    weight = next(module.parameters())
-    module.register_parameter(INPUT_SCALE, torch.nn.Parameter(scale.to(weight.dtype).clone(), requires_grad=False))
-    module.register_forward_pre_hook(InputScale(), prepend=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.hadamard import hadamard_transform
+from fxquant.quant.format import QuantFormat
 from fxquant.quant.numerics import QuantizedWeight, fake_quantize
 from fxquant.quant.packed import unpack_int4
 
@@ -33,7 +34,7 @@ def fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 
     """Round x to its nearest `bits`-bit value, one scale per row of the last dim (per token, per
     (token, head)); one named op for export and compile, whose numerics are fxquant.quant.numerics."""
     out = torch.empty_like(x)
-    return out.copy_(fake_quantize(x, bits, symmetric, None, clip_ratio))
+    return out.copy_(fake_quantize(x, QuantFormat(bits, symmetric, None, "int"), clip_ratio))  # per row, int zero
 
 
 @fake_quant.register_fake
@@ -55,9 +56,11 @@ def packs_two_per_byte(bits: int) -> bool:
 
 
 def dequantized_weight(codes, scale, zero, bits, symmetric, group_size, float_zero, in_features) -> torch.Tensor:
-    """The [out, in] weight that packed `codes` with `scale` / `zero` stand for (`group_size` 0: per row)."""
+    """The [out, in] weight that packed `codes` with `scale` / `zero` stand for, in the format the op's
+    primitive arguments spell (`group_size` 0: per row; `float_zero`: the float zero point)."""
     unpacked = unpack_int4(codes)[..., :in_features] if packs_two_per_byte(bits) else codes
-    return QuantizedWeight(unpacked, scale, zero, bits, symmetric, group_size or None, float_zero).values()
+    fmt = QuantFormat.from_float_zero(bits, symmetric, group_size, float_zero)
+    return QuantizedWeight(unpacked, scale, zero, fmt).values()
 
 
 @torch.library.custom_op("fxquant::quantized_linear", mutates_args=())

@@ -143,3 +143,18 @@ def test_the_hadamard_op_passes_torch_library_opcheck():
 
     for x in (torch.randn(2, 64), torch.randn(1, 4, 6, 16).transpose(1, 2)):
         torch.library.opcheck(hadamard._opoverload, (x,))
+
+
+def test_importing_fxquant_registers_no_attention_implementation_and_a_pass_that_needs_one_does():
+    """transformers' AttentionInterface is global state: only R3 / KV-cache passes and load touch it."""
+    import subprocess
+    import sys
+
+    code = ("import fxquant; from transformers import AttentionInterface\n"
+            "from fxquant.runtime.attention import ATTENTION_IMPLEMENTATION as name\n"
+            "print(name in AttentionInterface())\n"
+            "from fxquant.models import tiny_model\n"
+            "fxquant.quantize(tiny_model('llama'), 'quarot-float')\n"
+            "print(name in AttentionInterface())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

@@ -11,11 +11,11 @@ from fxquant.capture import capture
 from fxquant.errors import PassError, RecipeError
 from fxquant.models import tiny_model
 from fxquant.runtime.hooks import OnlineHadamard
-from fxquant.passes.pack import pack_model
+from fxquant.quant.pack import pack_model
+from fxquant.quant.records import recorded
 from fxquant.runtime.hooks import ActivationFakeQuant
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.recipes import PRESETS
-from fxquant.weights import quantized_weights
 
 W4 = {"pass": "quantize_weights", "bits": 4, "symmetric": False, "group_size": 16}
 
@@ -41,7 +41,7 @@ def test_packing_is_bit_exact_on_every_architecture(arch):
     quantize(fake, {"passes": [W4]})
     result = apply_recipe(packed, {"passes": [W4, {"pass": "pack"}]})
     blocked = {b.module for b in result.results["pack"].blocked}
-    left = {n for n, m in packed.named_modules() if quantized_weights(m) and not isinstance(m, QuantizedLinear)}
+    left = {n for n, m in packed.named_modules() if recorded(m) and not isinstance(m, QuantizedLinear)}
     assert left == blocked and len(_packed(packed)) == len(result.results["pack"].changes) >= 4
     with torch.no_grad():
         assert torch.equal(packed(_ids()).logits, fake(_ids()).logits)
@@ -113,7 +113,14 @@ def test_a_packed_model_refuses_more_passes_and_still_captures():
     nodes = [n for n in cg.graph.nodes if str(n.target) == "fxquant.quantized_linear.default"]
     assert len(nodes) == 14
     structure = analyse(cg)  # a packed model is still analysable: its layers show as opaque ops
-    assert structure is not None
+    layers = [f"model.layers.{i}" for i in range(2)]
+    # no packed layer is taken for a linear: lm_head (float) is the stream's only reader left, and
+    # nothing writes, chains or folds through a quantized_linear node
+    assert {r.module for g in structure.stream.groups for r in g.readers} == {"lm_head"}
+    assert structure.stream.writers == () and structure.vo_chains == () and structure.mlp_chains == ()
+    # ...and every place a packed layer stops the analysis is reported, not dropped
+    opaque = {b.module for b in structure.blocked if "quantized_linear" in b.reason}
+    assert opaque == {f"{layer}.{m}" for layer in layers for m in ("self_attn.o_proj", "mlp.down_proj", "self_attn")}
 
 
 def test_torch_compile_of_a_packed_model_matches_eager():

@@ -8,11 +8,16 @@ from conftest import planted_outliers
 from fxquant import apply_recipe, quantize
 from fxquant.errors import CalibrationError, RecipeError
 from fxquant.models import tiny_model
-from fxquant.quant.gptq import gptq_quantize, hessian_update
+from fxquant.quant.format import QuantFormat
+from fxquant.quant.gptq import GPTQOptions, gptq_quantize, hessian_update
 from fxquant.quant.numerics import fake_quantize, fake_quantize_clip_search, qparams_clip_search
 
 SCHEMES = [(4, True, None), (4, False, None), (4, True, 32), (4, False, 32), (3, False, 64)]
 FLOAT_ZERO = [(4, False, 32), (4, False, None)]  # tinygemm's format, asymmetric only
+
+
+def _fmt(bits, symmetric, group=None, float_zero=False) -> QuantFormat:
+    return QuantFormat.from_float_zero(bits, symmetric, group, float_zero)
 
 
 def _correlated(n=2048, width=128, seed=0):
@@ -33,16 +38,17 @@ def test_hessian_update_is_the_running_mean_of_2_x_xt():
 @pytest.mark.parametrize("bits,symmetric,group", SCHEMES)
 def test_with_uncorrelated_unit_inputs_gptq_is_round_to_nearest(bits, symmetric, group):
     w = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
-    q = gptq_quantize(w, torch.eye(128), bits, symmetric, group, damp=1e-6).values()
-    assert torch.equal(q, fake_quantize(w, bits, symmetric, group))  # no error to spread
+    q = gptq_quantize(w, torch.eye(128), _fmt(bits, symmetric, group), GPTQOptions(damp=1e-6)).values()
+    assert torch.equal(q, fake_quantize(w, _fmt(bits, symmetric, group)))  # no error to spread
 
 
 @pytest.mark.parametrize("bits,symmetric,group", FLOAT_ZERO)
 def test_float_zero_gptq_with_unit_inputs_is_float_zero_round_to_nearest(bits, symmetric, group):
     w = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
-    qw = gptq_quantize(w, torch.eye(128), bits, symmetric, group, damp=1e-6, float_zero=True)
-    assert torch.equal(qw.values(), fake_quantize(w, bits, symmetric, group, float_zero=True))
-    assert qw.float_zero and qw.codes.dtype == torch.uint8 and int(qw.codes.max()) <= 15
+    fmt = _fmt(bits, symmetric, group, float_zero=True)
+    qw = gptq_quantize(w, torch.eye(128), fmt, GPTQOptions(damp=1e-6))
+    assert torch.equal(qw.values(), fake_quantize(w, fmt))
+    assert qw.fmt.float_zero and qw.codes.dtype == torch.uint8 and int(qw.codes.max()) <= 15
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -52,13 +58,14 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(bits, symmetric, group
     x = _correlated()
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(2))
     h, _ = hessian_update(None, 0, x)
-    qw = gptq_quantize(w, h, bits, symmetric, group, act_order=act_order, float_zero=float_zero)
+    fmt = _fmt(bits, symmetric, group, float_zero)
+    qw = gptq_quantize(w, h, fmt, GPTQOptions(act_order=act_order))
     q = qw.values()
 
     def err(v):
         return float(((x @ (v - w).T) ** 2).mean())
 
-    assert err(q) < 0.8 * err(fake_quantize(w, bits, symmetric, group, float_zero=float_zero))
+    assert err(q) < 0.8 * err(fake_quantize(w, fmt))
     # the stored codes, scales and zeros are the grid every value lies on
     assert torch.equal(qw.values(), q) and qw.scale.shape == (48, 1 if group is None else 128 // group)
 
@@ -66,20 +73,20 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(bits, symmetric, group
 def test_per_channel_results_lie_on_the_grid_of_the_static_scales():
     x, w = _correlated(), torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
     h, _ = hessian_update(None, 0, x)
-    q = gptq_quantize(w, h, 4, True, None, clip_search=True).values()
-    scale, _ = qparams_clip_search(w, 4, True, None)  # fixed before the first column is rounded
+    q = gptq_quantize(w, h, _fmt(4, True), GPTQOptions(clip_search=True)).values()
+    scale, _ = qparams_clip_search(w, _fmt(4, True))  # fixed before the first column is rounded
     codes = q / scale[..., 0]
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
     assert codes.round().min() >= -8 and codes.round().max() <= 7
     err_clip = float(((x @ (q - w).T) ** 2).mean())
-    assert err_clip < float(((x @ (fake_quantize_clip_search(w, 4, True) - w).T) ** 2).mean())
+    assert err_clip < float(((x @ (fake_quantize_clip_search(w, _fmt(4, True)) - w).T) ** 2).mean())
 
 
 def test_dead_input_channels_are_zeroed():
     x = _correlated(512, 64)
     x[:, 5] = 0
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
-    q = gptq_quantize(w, hessian_update(None, 0, x)[0], 4, False, 32).values()
+    q = gptq_quantize(w, hessian_update(None, 0, x)[0], _fmt(4, False, 32)).values()
     assert torch.all(q[:, 5] == 0)
 
 

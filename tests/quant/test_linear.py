@@ -6,7 +6,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from fxquant.config import WeightQuantConfig
-from fxquant.passes.quantize_weights import quantize_weight
+from fxquant.quant.rtn import quantize_weight
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.weights import canonical
 
@@ -78,3 +78,29 @@ def test_export_shows_one_quantized_linear_node_per_layer():
     graph = torch.export.export(model, (torch.randn(2, 64),)).graph
     targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
     assert targets.count("fxquant.quantized_linear.default") == 1 and "aten.linear.default" not in targets
+
+
+SAVED_SPECS = [  # what fxquant.save wrote for packed layers before QuantFormat (the same keys it writes now)
+    {"in_features": 64, "out_features": 24, "bits": 4, "symmetric": False, "group_size": 32, "float_zero": True,
+     "bias": True, "transposed": False},
+    {"in_features": 64, "out_features": 24, "bits": 4, "symmetric": False, "group_size": 32, "float_zero": False,
+     "bias": False, "transposed": True},
+    {"in_features": 64, "out_features": 24, "bits": 8, "symmetric": True, "group_size": None, "float_zero": False,
+     "bias": False, "transposed": False},
+]
+
+
+@pytest.mark.parametrize("spec", SAVED_SPECS)
+def test_saved_specs_rebuild_the_layer_and_round_trip(spec):
+    layer = QuantizedLinear.from_spec(spec, torch.bfloat16)
+    assert layer.spec() == spec and layer.scale.dtype == torch.bfloat16
+    assert layer.fmt.float_zero == spec["float_zero"] and (layer.zero is None) == spec["symmetric"]
+    without = {k: v for k, v in spec.items() if k != "transposed"}  # older saves may lack it: False
+    assert QuantizedLinear.from_spec(without, torch.float32).transposed is False
+
+
+def test_a_spec_with_other_fields_is_refused():
+    with pytest.raises(TypeError, match=r"unknown fields \['kernel'\]"):
+        QuantizedLinear.from_spec({**SAVED_SPECS[0], "kernel": "marlin"}, torch.float32)
+    with pytest.raises(TypeError, match=r"missing fields \['bits'\]"):
+        QuantizedLinear.from_spec({k: v for k, v in SAVED_SPECS[0].items() if k != "bits"}, torch.float32)

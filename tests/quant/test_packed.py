@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxquant.quant.format import QuantFormat
 from fxquant.quant.numerics import dequantize, fake_quantize, qparams, quantize
 from fxquant.quant.packed import pack_int4, unpack_int4
 
@@ -27,30 +28,31 @@ def test_packing_refuses_odd_widths_and_out_of_range_codes():
 @pytest.mark.parametrize("symmetric,group", [(True, None), (False, 32), (True, 64)])
 def test_packed_codes_dequantize_to_exactly_the_fake_quantized_weight(symmetric, group):
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
-    scale, zero = qparams(w, 4, symmetric, group)
-    codes = quantize(w, scale, zero, 4, symmetric, group)
+    fmt = QuantFormat(4, symmetric, group, "int")
+    scale, zero = qparams(w, fmt)
+    codes = quantize(w, scale, zero, fmt)
     offset = 8 if symmetric else 0  # signed codes are stored offset to 0..15
     stored = pack_int4((codes + offset).to(torch.uint8))
     assert stored.numel() == w.numel() // 2
-    back = dequantize(unpack_int4(stored).float() - offset, scale, zero, group)
-    assert torch.equal(back, fake_quantize(w, 4, symmetric, group))
+    back = dequantize(unpack_int4(stored).float() - offset, scale, zero, fmt)
+    assert torch.equal(back, fake_quantize(w, fmt))
 
 
 def test_tinygemm_numerics_match_their_definition_and_pack_exactly():
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
-    scale, zero = qparams(w, 4, False, 32, float_zero=True)
+    fmt = QuantFormat(4, False, 32, "float")
+    scale, zero = qparams(w, fmt)
     g = w.reshape(16, 4, 32)
     torch.testing.assert_close(scale, ((g.amax(-1, True) - g.amin(-1, True)) / 15).clamp_min(1e-6))
     torch.testing.assert_close(zero, g.amin(-1, True) + 8 * scale)
-    codes = quantize(w, scale, zero, 4, False, 32, float_zero=True)  # signed: u - 8
+    codes = quantize(w, scale, zero, fmt)  # signed: u - 8
     assert codes.min() >= -8 and codes.max() <= 7
     unsigned = torch.round((g - g.amin(-1, True)) / scale).clamp(0, 15).reshape(w.shape)  # tinygemm's definition
     assert torch.equal(codes + 8, unsigned)
-    back = dequantize(unpack_int4(pack_int4((codes + 8).to(torch.uint8))).float() - 8, scale, zero, 32,
-                      float_zero=True)
-    assert torch.equal(back, fake_quantize(w, 4, False, 32, float_zero=True))
+    back = dequantize(unpack_int4(pack_int4((codes + 8).to(torch.uint8))).float() - 8, scale, zero, fmt)
+    assert torch.equal(back, fake_quantize(w, fmt))
     torch.testing.assert_close(back, ((unsigned - 8).reshape(g.shape) * scale + zero).reshape(w.shape), rtol=0, atol=0)
     # the group min and max are represented (up to one rounding of the float zero)
     assert (back - w).abs().max() <= 0.5 * scale.max() + 1e-6
     flat = torch.full((2, 32), 0.25)  # a constant group: the eps scale keeps it finite, within float rounding
-    assert (fake_quantize(flat, 4, False, 32, float_zero=True) - flat).abs().max() <= 1e-6
+    assert (fake_quantize(flat, fmt) - flat).abs().max() <= 1e-6

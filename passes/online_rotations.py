@@ -1,4 +1,4 @@
-"""Online Hadamards (QuaRot / SpinQuant): R4 on every down_proj input, R3 on queries and keys.
+"""Online rotations (QuaRot / SpinQuant): R4 on every down_proj input, R3 on queries and keys.
 
 R4, `insert_online_hadamard`:
 
@@ -12,8 +12,8 @@ down_proj's input, the one linear input R1/R2 leave untouched. The sites come fr
 blocked.
 
 R3, `rotate_qk`: (q H)(k H)^T = q k^T per head, so a Hadamard on post-RoPE queries and keys costs no
-weight edit; it spreads the outliers of keys, which makes a quantized KV cache (`quantize_kv_cache`,
-fake-quant of k and v per (token, head) inside the same attention implementation) usable.
+weight edit; it spreads the outliers of keys, which makes a quantized KV cache (`quantize_kv_cache`
+in quantize_activations.py, inside the same attention implementation) usable.
 """
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ import torch
 
 from fxquant.analysis.dataflow import hookable_modules, shape_of
 from fxquant.analysis.structure import Blocked
-from fxquant.runtime.attention import ATTR, install, record_calls
-from fxquant.config import KVQuantConfig, NormFoldConfig
+from fxquant.config import NormFoldConfig
 from fxquant.hadamard import check_rotation, hadamard_transform
-from fxquant.runtime.hooks import OnlineHadamard
-from fxquant.ops import OpClass, classify
+from fxquant.install import attention_nodes, install_in_attention
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.verify import model_outputs
+from fxquant.runtime.hooks import OnlineHadamard
 from fxquant.weights import rotate_in
 
 
@@ -58,7 +56,7 @@ def insert_online_hadamard(cg, structure, cfg: NormFoldConfig | None) -> PassRes
 
 def check_head_sizes(cg, structure, cfg) -> None:
     """Before any pass runs: each attention's head size has a Hadamard matrix."""
-    for head_dim in sorted({shape_of(node.args[0])[-1] for node in _attention_nodes(cg).values()}):
+    for head_dim in sorted({shape_of(node.args[0])[-1] for node in attention_nodes(cg).values()}):
         check_rotation("hadamard", head_dim)
 
 
@@ -71,41 +69,3 @@ def rotate_qk(cg, structure, cfg) -> PassResult:
     """
     return install_in_attention(cg, "R3", lambda node: f"online Hadamard({shape_of(node.args[0])[-1]}) on q and k "
                                 "after RoPE", rotate_qk=True)
-
-
-def _attention_nodes(cg) -> dict[str, torch.fx.Node]:
-    """Module path -> its attention (SDPA) node, read from the graph (not from v->o chains, which an
-    earlier quantizer may have made unprovable)."""
-    return {cg.module_of(n): n for n in cg.graph.nodes if classify(n) is OpClass.ATTENTION}
-
-
-def install_in_attention(cg, what: str, describe, **fields) -> PassResult:
-    """Set `fields` of every attention module's AttentionTransform, then prove by a probe run that
-    each module dispatches through fxquant's attention; a module that does not is reported blocked."""
-    modules = _attention_nodes(cg)
-    before = {path: getattr(cg.model.get_submodule(path), ATTR, None) for path in modules}
-    for path in modules:
-        install(cg.model, cg.model.get_submodule(path), **fields)
-    with record_calls() as seen:
-        model_outputs(cg.model, cg.example_inputs)
-    changes, blocked = [], []
-    for path, node in modules.items():
-        module = cg.model.get_submodule(path)
-        if id(module) in seen:
-            changes.append(Change("inserted", path, f"{what} {describe(node)}"))
-            continue
-        if before[path] is None:
-            delattr(module, ATTR)
-        else:
-            setattr(module, ATTR, before[path])
-        blocked.append(Blocked(node.name, path, f"{what}: this attention does not dispatch through "
-                                                "transformers' AttentionInterface"))
-    return PassResult(tuple(changes), tuple(blocked))
-
-
-@fxpass(invalidates={"outputs", "graph"}, provides={"kv_quantized"})
-def quantize_kv_cache(cg, structure, cfg: KVQuantConfig | None) -> PassResult:
-    """Fake-quantize keys (after R3, when present) and values per (token, head) as they enter attention."""
-    cfg = cfg or KVQuantConfig()
-    return install_in_attention(cg, "KV", lambda node: f"int{cfg.bits} per (token, head)",
-                                kv_bits=cfg.bits, kv_symmetric=cfg.symmetric)

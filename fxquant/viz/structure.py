@@ -1,7 +1,9 @@
-"""Text tables of a Structure: what `fxquant inspect` prints and `str(structure)` returns.
+"""Text tables of a Structure: what `fxquant inspect` prints.
 
-Repeated per-layer rows are folded into one row with the layer index as `*` and a count (pass
-`full=True` for every row); Blocked items are never folded.
+Entry point: `format_structure(structure, full=False)`. Repeated per-layer rows are folded into one
+row with the layer index as `*` and a count (`fold_indices`, the rule every table shares; pass
+`full=True` for every row); Blocked items are never folded. `str(structure)` is only a one-line
+summary: analysis cannot import the renderers that run after it.
 """
 from __future__ import annotations
 
@@ -9,9 +11,19 @@ import re
 from collections import Counter
 
 from fxquant.analysis.structure import Structure
+from fxquant.viz.names import fold_indices, leaf
 
 
 def format_structure(s: Structure, full: bool = False) -> str:
+    """The counts line, then one table per item kind (stream, norm groups, writers, v->o and MLP chains,
+    online sites), Blocked items with their reasons, and tied parameters.
+
+    Example::
+
+        print(format_structure(analyse(capture(tiny_model("llama")))))
+        # Norm -> linear groups (5):
+        #   model.layers.*.input_layernorm           rms, eps 1e-06  q_proj k_proj v_proj  x2
+    """
     lines = [_counts_line(s), "", f"Residual stream: width {s.stream.width}, {len(s.stream.adds)} residual adds"]
     lines += [f"  source  {src.module}  ({src.kind} embedding, weight {src.weight})" for src in s.stream.sources]
     lines += _section("Norm -> linear groups", [
@@ -19,11 +31,11 @@ def format_structure(s: Structure, full: bool = False) -> str:
         for g in s.stream.groups], full)
     lines += _section("Residual writers", [(w.module, f"{w.in_features}->{w.out_features}", "") for w in s.stream.writers], full)
     lines += _section("v -> o chains (per KV head: query heads, o columns)", [
-        (f"{c.v.module} -> {_leaf(c.o.module)}", f"head_dim {c.head_dim}, {c.num_kv_heads} kv / {c.num_q_heads} q",
+        (f"{c.v.module} -> {leaf(c.o.module)}", f"head_dim {c.head_dim}, {c.num_kv_heads} kv / {c.num_q_heads} q",
          " ".join(f"kv{h.kv_head}:v[{h.v_rows[0]}:{h.v_rows[1]}]->q{list(h.q_heads)}" for h in c.heads))
         for c in s.vo_chains], full)
     lines += _section("MLP chains", [
-        (f"{c.up.module}[{c.up_rows[0]}:{c.up_rows[1]}] -> {_leaf(c.down.module)}",
+        (f"{c.up.module}[{c.up_rows[0]}:{c.up_rows[1]}] -> {leaf(c.down.module)}",
          f"{'gated ' if c.gate else ''}{c.act}", f"commutes: {c.commutes}") for c in s.mlp_chains], full)
     lines += _section("Inputs needing an online transform", [
         (o.linear.module, f"after {o.after if full else _fold_node(o.after)}", o.reason) for o in s.online_sites], full)
@@ -62,13 +74,8 @@ def _section(title, rows, full) -> list[str]:
 
 def _fold(rows):
     """Merge rows equal up to layer indices (digits in dotted paths) into one row with a count."""
-    counts = Counter(tuple(_fold_digits(x) for x in row) for row in rows)
+    counts = Counter(tuple(fold_indices(x) for x in row) for row in rows)
     return [(*row, n) for row, n in counts.items()]
-
-
-def _fold_digits(text: str) -> str:
-    """model.layers.3.mlp -> model.layers.*.mlp (layer indices only; ln_1 stays ln_1)."""
-    return re.sub(r"(?<=\.)\d+(?=\.)", "*", text)
 
 
 def _fold_node(name: str) -> str:
@@ -78,8 +85,4 @@ def _fold_node(name: str) -> str:
 
 def _site_name(site) -> str:
     """q_proj; for stacked MoE experts, experts.gate_up_proj (the module holds several weights)."""
-    return f"{_leaf(site.module)}.{site.weight.name}" if site.experts else _leaf(site.module)
-
-
-def _leaf(path: str) -> str:
-    return path.rsplit(".", 1)[-1]
+    return f"{leaf(site.module)}.{site.weight.name}" if site.experts else leaf(site.module)

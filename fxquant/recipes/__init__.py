@@ -1,20 +1,25 @@
 """Recipes: an ordered list of passes with their configs, stored as data.
 
 Entry point: `load_recipe(spec) -> Recipe`, where `spec` is a preset name, a dict, a path to a
-TOML/YAML file or a Recipe. A dict lists `passes` (each `{"pass": key, **fields}`) or starts from a
-`preset`; its other top-level keys override that field in every pass that has it:
+TOML/YAML file or a Recipe. Each preset is a packaged file, `presets/<name>.toml`, in the format of
+a user's recipe file (`fxquant recipes NAME` prints it, to copy and edit). A dict lists `passes`
+(each `{"pass": key, **fields}`) or starts from a `preset`; its other top-level keys override that
+field in every pass that has it:
 
     {"preset": "rotate-r1r2", "rotation": "random-orthogonal", "seed": 3}
 
-Everything is validated here, before a model is touched: an unknown preset, pass or field is a
-RecipeError that lists the allowed ones.
+TOML has no null, so a file writes None as the string "none" (`group_size = "none"`). Everything is
+validated here, before a model is touched: an unknown preset, pass or field is a RecipeError that
+lists the allowed ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import tomllib
+import sys
 from collections import Counter
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from fxquant.config import config_fields, config_from_dict, config_to_dict
@@ -22,45 +27,71 @@ from fxquant.errors import RecipeError
 from fxquant.passes import PASSES
 from fxquant.pipeline import Step
 
-_ROTATE = [("fold_norms", {}), ("layernorms_to_rms", {}),
-           ("rotate_residual", {"rotation": "random-hadamard", "seed": 0}),
-           ("rotate_vo", {"rotation": "random-hadamard", "seed": 0})]
-_INT8_W = ("quantize_weights", {"bits": 8, "symmetric": True})
-_INT4_W = ("quantize_weights", {"bits": 4, "symmetric": False, "group_size": 128})
-_INT8_A = ("quantize_activations", {"bits": 8})
-_INT4_A = ("quantize_activations", {"bits": 4})
-_INT4_W_SYM = ("quantize_weights", {"bits": 4, "symmetric": True})  # per output channel
-_PACK = [("pack", {})]  # the last step of every preset that quantizes weights: packed integer codes
-_QUANT = {"w8a8": [_INT8_W, _INT8_A] + _PACK, "w4a8": [_INT4_W, _INT8_A] + _PACK, "w4a16": [_INT4_W] + _PACK,
-          "w16a4": [_INT4_A], "w4a4": [_INT4_W_SYM, _INT4_A] + _PACK}
-_R4 = [("insert_online_hadamard", {})]
-_QUAROT = _ROTATE + [("rotate_qk", {})] + _R4
-_INT4_W_CHANNEL = ("quantize_weights", {"bits": 4, "symmetric": True, "clip_search": True})  # per channel
-# AWQ and GPTQ checkpoints run on kernels with integer zero points (AutoAWQ's GEMM, ExLlama, Marlin),
-# and on SmolLM2 they are the better grid (docs/BENCHMARKS.md); plain RTN presets use tinygemm's float zero
-_INT_ZERO = {"zero_point": "int"}
-_AWQ = [("awq_scale", _INT_ZERO), ("awq_clip", _INT_ZERO)]  # int4 asymmetric, groups of 128
-_INT4_W_INT_ZERO = ("quantize_weights", {**_INT4_W[1], **_INT_ZERO})
-PRESETS: dict[str, list[tuple[str, dict]]] = {
-    "rotate-r1r2": _ROTATE,  # norm fusion + R1 + R2, float: outputs unchanged
-    "rotate-r1r2r4": _ROTATE + _R4,  # + an online Hadamard on each down_proj input, float
-    "quarot-float": _QUAROT,  # R1..R4, no quantizer: for checking exactness
-    "quarot-w4a4kv4": _QUAROT + [_INT4_W_CHANNEL, _INT4_A, ("quantize_kv_cache", {"bits": 4})] + _PACK,
-    "quarot-w4a8": _QUAROT + [_INT4_W_CHANNEL, _INT8_A] + _PACK,
-    "awq-w4a16": _AWQ + [_INT4_W_INT_ZERO] + _PACK,  # AWQ scales + clip, then int4 asymmetric groups of 128
-    "quarot-awq-w4a16": _ROTATE + _AWQ + [_INT4_W_INT_ZERO] + _PACK,  # R1 + R2, then AWQ on the rotated model
-    "gptq-w4a16": [("gptq", {"bits": 4, "symmetric": False, "group_size": 128, "act_order": True, **_INT_ZERO})]
-    + _PACK,
-    "quarot-gptq-w4a4kv4": _QUAROT + [("gptq", {"bits": 4, "symmetric": True, "group_size": None, "clip_search": True,
-                                                "act_order": True}),
-                                      _INT4_A, ("quantize_kv_cache", {"bits": 4})] + _PACK,
-    "smoothquant-w8a8": [("smooth_quant", {}), _INT8_W, _INT8_A] + _PACK,  # alpha 0.5, then int8 weights, tokens
-    **_QUANT,  # round-to-nearest, no rotation (packed when weights are quantized)
-    **{f"rotate-r1r2-{name}": _ROTATE + steps for name, steps in _QUANT.items()},
-    **{f"rotate-r1r2r4-{name}": _ROTATE + _R4 + steps for name, steps in _QUANT.items()},
-}
-DEFAULT_RECIPE = "rotate-r1r2-w8a8"
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser from PyPI (a dependency for python_version < "3.11")
+    import tomli as tomllib
+
+NONE = "none"  # how a recipe file or a `--set` value writes None
+_NULLS = (NONE, "None", "null")
+_SUFFIXES = (".toml", ".yaml", ".yml")
 _TOP_LEVEL = ("preset", "passes", "name")
+
+
+def parse_value(text: str):
+    """A field value typed on a command line (`--set group_size=64`, bench's `preset+field=value`):
+    a TOML value (`true`, `64`, `0.5`, `"x"`), `none` for None, or else the bare word as a string."""
+    if text in _NULLS:
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: `float32`, `random-hadamard`
+
+
+def _none(value):
+    return None if isinstance(value, str) and value in _NULLS else value
+
+
+def _loads(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{where} is not valid TOML: {exc}") from None
+
+
+def _preset_steps(name: str, text: str) -> list[tuple[str, dict]]:
+    """The (pass key, fields) list of a packaged preset file, which holds only [[passes]] tables."""
+    data = _loads(text, f"preset file {name}.toml")
+    tables = data.get("passes")
+    if set(data) != {"passes"} or not isinstance(tables, list) \
+            or not all(isinstance(t, dict) and "pass" in t for t in tables):
+        raise RecipeError(f"preset file {name}.toml must hold only [[passes]] tables, each with a 'pass' key "
+                          "(the preset's name is the file's)")
+    return [(t["pass"], {k: _none(v) for k, v in t.items() if k != "pass"}) for t in tables]
+
+
+# name -> the text of fxquant/recipes/presets/<name>.toml (importlib.resources: a wheel install has them too)
+_PRESET_TEXTS = dict(sorted((f.name.removesuffix(".toml"), f.read_text())
+                            for f in files(__name__).joinpath("presets").iterdir() if f.name.endswith(".toml")))
+PRESETS: dict[str, list[tuple[str, dict]]] = {name: _preset_steps(name, text) for name, text in _PRESET_TEXTS.items()}
+DEFAULT_RECIPE = "rotate-r1r2-w8a8"
+
+
+def _check_preset(name: str) -> None:
+    if name not in PRESETS:
+        raise RecipeError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+
+
+def preset_text(name: str) -> str:
+    """The preset's TOML file as packaged: `fxquant recipes NAME > mine.toml` copies it."""
+    _check_preset(name)
+    return _PRESET_TEXTS[name]
+
+
+def preset_description(name: str) -> str:
+    """The first line of the preset file's opening comment: what the preset does."""
+    return preset_text(name).splitlines()[0].removeprefix("#").strip()
 
 
 @dataclass(frozen=True)
@@ -78,19 +109,27 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The recipe as plain data (TOML-ready): `{"name": ..., "passes": [{"pass": key, ...}]}`."""
-        passes = [{"pass": key, **({k: v for k, v in config_to_dict(cfg).items() if k != "_type"}
-                                   if cfg is not None else {})} for key, cfg in self.steps]
-        return {"name": self.name, "passes": passes}
+        return {"name": self.name, "passes": [{"pass": key, **_toml_fields(cfg)} for key, cfg in self.steps]}
 
     def __str__(self) -> str:
         return f"{self.name}: " + " -> ".join(key for key, _ in self.steps)
+
+
+def _toml_fields(cfg) -> dict:
+    """A config's fields without `_type`. None is left out where it is the default and written "none"
+    where it is not (GPTQ's per-channel group_size), so that the dict loads back to the same config."""
+    if cfg is None:
+        return {}
+    data = config_to_dict(cfg)
+    return {f.name: data.get(f.name, NONE) for f in dataclasses.fields(cfg)
+            if f.name in data or f.default is not None}
 
 
 def load_recipe(spec) -> Recipe:
     """A Recipe from a preset name, a dict, a TOML/YAML path or a Recipe; raises RecipeError."""
     if isinstance(spec, Recipe):
         return spec
-    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and Path(spec).suffix in (".toml", ".yaml", ".yml")):
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and Path(spec).suffix in _SUFFIXES):
         return _from_dict(_read_file(Path(spec)), name=Path(spec).stem)
     if isinstance(spec, str):
         return _from_dict({"preset": spec})
@@ -104,11 +143,8 @@ def _read_file(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
     if path.suffix == ".toml":
-        try:
-            return tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise RecipeError(f"recipe file '{path}' is not valid TOML: {exc}") from None
-    import yaml  # a transformers dependency
+        return _loads(path.read_text(), f"recipe file '{path}'")
+    import yaml  # pyyaml, a dependency for YAML recipe files
 
     try:
         data = yaml.safe_load(path.read_text())
@@ -124,8 +160,7 @@ def _from_dict(data: dict, name: str | None = None) -> Recipe:
         raise RecipeError("a recipe gives either 'preset' or 'passes', not both")
     if "preset" in data:
         preset = data["preset"]
-        if preset not in PRESETS:
-            raise RecipeError(f"unknown preset {preset!r}; presets are {sorted(PRESETS)}")
+        _check_preset(preset)
         raw, name = [{"pass": k, **f} for k, f in PRESETS[preset]], data.get("name", name or preset)
     elif "passes" in data:
         raw, name = data["passes"], data.get("name", name or "custom")
@@ -133,7 +168,7 @@ def _from_dict(data: dict, name: str | None = None) -> Recipe:
         raise RecipeError(f"a recipe dict needs 'preset' (one of {sorted(PRESETS)}) or 'passes'")
     if not isinstance(raw, list) or not raw:
         raise RecipeError("'passes' must be a non-empty list of {'pass': key, ...fields} tables")
-    overrides = {k: v for k, v in data.items() if k not in _TOP_LEVEL}
+    overrides = {k: _none(v) for k, v in data.items() if k not in _TOP_LEVEL}
     steps = [_step(i, entry) for i, entry in enumerate(raw)]
     packs = [i for i, (key, _) in enumerate(steps) if key == "pack"]
     if packs and packs[0] != len(steps) - 1:
@@ -148,7 +183,7 @@ def _step(index: int, entry) -> tuple[str, dict]:
     key = entry["pass"]
     if key not in PASSES:
         raise RecipeError(f"passes[{index}]: unknown pass {key!r}; passes are {sorted(PASSES)}")
-    return key, {k: v for k, v in entry.items() if k != "pass"}
+    return key, {k: _none(v) for k, v in entry.items() if k != "pass"}
 
 
 def _override(steps, overrides):
@@ -175,7 +210,7 @@ def recipe_with(spec, fields: dict) -> Recipe:
     """`spec` (preset, path or dict) with top-level field overrides, validated like a recipe dict."""
     if not fields:
         return load_recipe(spec)
-    if isinstance(spec, str) and Path(spec).suffix not in (".toml", ".yaml", ".yml"):
+    if isinstance(spec, str) and Path(spec).suffix not in _SUFFIXES:
         return _from_dict({"preset": spec, **fields})
     base = load_recipe(spec).to_dict()
     return _from_dict({**base, **fields})
