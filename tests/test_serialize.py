@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,15 @@ def test_an_fxquant_json_that_is_not_an_object_is_refused_naming_it(saved_llama)
     (saved_llama / "fxquant.json").write_text('"fxquant-1"')
     with pytest.raises(ModelLoadError, match=r"fxquant\.json' holds a JSON string, not an object"):
         load(saved_llama)
+
+
+def test_a_directory_saved_before_the_house_move_loads_with_the_same_logits():
+    """tests/data/saved_llama_quarot_w4a8_v0 was written by fxquant at 3563d8d (before the runtime,
+    QuantFormat and records moves): packed int4 layers, act-quant and R4 hooks, R3 in attention."""
+    from safetensors.torch import load_file
+
+    data = Path(__file__).resolve().parent / "data"
+    expected = load_file(str(data / "saved_llama_quarot_w4a8_v0.expected.safetensors"))
+    model = load(data / "saved_llama_quarot_w4a8_v0")
+    with torch.no_grad():
+        assert torch.equal(model(expected["ids"]).logits, expected["logits"])
