@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parametrize
 
-from fxquant.analysis.dataflow import linear_sites
+from fxquant.analysis.dataflow import weight_sites
 from fxquant.api import apply_recipe
 from fxquant.capture import capture
 from fxquant.config import WeightQuantConfig
@@ -73,10 +73,10 @@ def prepare(model: torch.nn.Module, recipe, calibration=None) -> torch.nn.Module
     if weights:
         cfg = weights[0] or WeightQuantConfig()
         seen = set()
-        for site, is_output in linear_sites(capture(model)):
+        for site in weight_sites(capture(model)):
             module = model.get_submodule(site.module)
             key = (id(module), site.weight.name)
-            if is_output or key in seen:
+            if key in seen:
                 continue
             seen.add(key)
             parametrize.register_parametrization(module, site.weight.name, WeightFakeQuant(cfg, site.transposed))

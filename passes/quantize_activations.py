@@ -11,7 +11,7 @@ reported as blocked, never silently skipped. The output layer stays in float.
 """
 from __future__ import annotations
 
-from fxquant.analysis.dataflow import hookable_modules, linear_sites
+from fxquant.analysis.dataflow import hookable_modules, weight_sites
 from fxquant.analysis.structure import Blocked
 from fxquant.config import ActQuantConfig, KVQuantConfig
 from fxquant.install import install_in_attention
@@ -23,7 +23,7 @@ from fxquant.runtime.hooks import ActivationFakeQuant, activation_hooks, remove_
 def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResult:
     """Install a per-token fake-quant hook on the input of every linear but the output layer."""
     cfg = cfg or ActQuantConfig()
-    sites = [site for site, is_output in linear_sites(cg) if not is_output]
+    sites = weight_sites(cg)
     hookable = hookable_modules(cg)
     installed = activation_hooks(cg.model)
     changes, blocked = [], []

@@ -10,9 +10,10 @@ recorded (`fxquant.quant.records`), which the `pack` pass stores as a QuantizedL
 """
 from __future__ import annotations
 
+from fxquant.analysis.dataflow import weight_sites
 from fxquant.config import WeightQuantConfig
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.quant.rtn import check_group_size, quantize_site, weight_sites
+from fxquant.quant.rtn import check_group_size, quantize_site
 
 
 @fxpass(invalidates={"outputs", "weights_float"}, provides={"weights_quantized"}, check=check_group_size)

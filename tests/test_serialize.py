@@ -180,49 +180,37 @@ def test_the_generation_config_round_trips_and_generate_behaves_as_before(saved_
         assert loaded.generate(_ids()[:1, :4], do_sample=False).shape == (1, 4 + 2)
 
 
-def test_a_truncated_config_is_refused_naming_it(saved_llama):
-    _truncate(saved_llama / "config.json")
-    with pytest.raises(ModelLoadError, match=r"config\.json' is not valid JSON \(truncated or damaged.*save the model"):
-        load(saved_llama)
+def _edit_json(path, edit):
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
 
 
-def test_a_config_that_is_not_a_json_object_is_refused_naming_it(saved_llama):
-    (saved_llama / "config.json").write_text("[1, 2]")
-    with pytest.raises(ModelLoadError, match=r"config\.json' holds a JSON array, not an object"):
-        load(saved_llama)
+# (file, how it is damaged, what the error must say): one row per way a saved config can be wrong
+DAMAGED_CONFIGS = {
+    "truncated config": ("config.json", _truncate,
+                         r"config\.json' is not valid JSON \(truncated or damaged.*save the model"),
+    "config not an object": ("config.json", lambda p: p.write_text("[1, 2]"),
+                             r"config\.json' holds a JSON array, not an object"),
+    "missing config": ("config.json", lambda p: p.unlink(),
+                       r"config\.json' is missing: without it the architecture cannot be"),
+    "unknown model_type": ("config.json", lambda p: _edit_json(p, lambda c: c | {"model_type": "no-such-arch"}),
+                           r"config\.json' is rejected by transformers' AutoConfig \(ValueError: .*no-such-arch"),
+    "no model_type": ("config.json",
+                      lambda p: _edit_json(p, lambda c: {k: v for k, v in c.items() if k != "model_type"}),
+                      r"config\.json' has no 'model_type'"),
+    "truncated generation config": ("generation_config.json", _truncate,
+                                    r"generation_config\.json' is not valid JSON"),
+    "generation config transformers rejects": (
+        "generation_config.json", lambda p: p.write_text('{"cache_implementation": "no-such-cache"}'),
+        r"generation_config\.json' is rejected by transformers' GenerationConfig \(ValueError: Invalid "
+        r"`cache_implementation`"),
+}
 
 
-def test_a_missing_config_is_refused_naming_it(saved_llama):
-    (saved_llama / "config.json").unlink()
-    with pytest.raises(ModelLoadError, match=r"config\.json' is missing: without it the architecture cannot be"):
-        load(saved_llama)
-
-
-def test_a_config_with_an_unknown_model_type_is_refused_naming_it(saved_llama):
-    path = saved_llama / "config.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"model_type": "no-such-arch"}))
-    with pytest.raises(ModelLoadError, match=r"config\.json' is rejected by transformers' AutoConfig "
-                                             r"\(ValueError: .*no-such-arch"):
-        load(saved_llama)
-
-
-def test_a_config_without_a_model_type_is_refused_naming_it(saved_llama):
-    path = saved_llama / "config.json"
-    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "model_type"}))
-    with pytest.raises(ModelLoadError, match=r"config\.json' has no 'model_type'"):
-        load(saved_llama)
-
-
-def test_a_truncated_generation_config_is_refused_naming_it(saved_llama):
-    _truncate(saved_llama / "generation_config.json")
-    with pytest.raises(ModelLoadError, match=r"generation_config\.json' is not valid JSON"):
-        load(saved_llama)
-
-
-def test_a_generation_config_transformers_rejects_is_refused_naming_it(saved_llama):
-    (saved_llama / "generation_config.json").write_text('{"cache_implementation": "no-such-cache"}')
-    with pytest.raises(ModelLoadError, match=r"generation_config\.json' is rejected by transformers' GenerationConfig "
-                                             r"\(ValueError: Invalid `cache_implementation`"):
+@pytest.mark.parametrize("case", list(DAMAGED_CONFIGS))
+def test_a_damaged_config_is_refused_naming_the_file(saved_llama, case):
+    name, damage, match = DAMAGED_CONFIGS[case]
+    damage(saved_llama / name)
+    with pytest.raises(ModelLoadError, match=match):
         load(saved_llama)
 
 

@@ -192,10 +192,15 @@ def hookable_modules(cg: CapturedGraph) -> set[str]:
             if n == 1 and isinstance(cg.model.get_submodule(path), LINEAR_MODULES)}
 
 
+def weight_sites(cg: CapturedGraph) -> list[LinearSite]:
+    """The linears a quantizer edits: all but the output layer (it stays float), in graph order."""
+    return [site for site, is_output in linear_sites(cg) if not is_output]
+
+
 def quantized_sites(cg: CapturedGraph) -> tuple[list[LinearSite], list[LinearSite]]:
-    """The linears a weight quantizer edits (all but the output layer), split into those whose
-    module's forward input is the linear's input (hooks can observe it) and the others."""
-    sites = [site for site, is_output in linear_sites(cg) if not is_output]
+    """`weight_sites`, split into those whose module's forward input is the linear's input (hooks
+    can observe it) and the others."""
+    sites = weight_sites(cg)
     hookable = hookable_modules(cg)
     return [s for s in sites if s.module in hookable], [s for s in sites if s.module not in hookable]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.analysis.dataflow import linear_sites
+from fxquant.analysis.dataflow import weight_sites
 from fxquant.config import WeightQuantConfig
 from fxquant.errors import RecipeError
 from fxquant.quant import records
@@ -45,11 +45,6 @@ def quantize_site(cg, site, cfg) -> None:
     weight = cg.param(site.weight)
     qw = quantize_weight(canonical(weight.detach(), site.transposed), cfg)
     apply_quantized(cg.owner(site.weight), site.weight.name, qw, site.transposed)
-
-
-def weight_sites(cg):
-    """The linears a weight quantizer edits: all but the output layer, in graph order."""
-    return [site for site, is_output in linear_sites(cg) if not is_output]
 
 
 def _fitting_groups(sizes: list[int]) -> list[int]:
