@@ -5,7 +5,8 @@
 The model stays the source of truth and the graph is the map: `capture` links every weight-reading
 node to the module and parameter it came from, `analyse` reads the graph into a frozen `Structure`,
 and passes (run by a `Pipeline`) edit the model through those links. `quantize(model, recipe)`
-runs a recipe (an ordered list of passes) on a model in place.
+runs a recipe (an ordered list of passes) on a model in place; `lower(model)` puts the quantized
+model on the fastest correct kernels for its device.
 """
 from fxquant import qat  # fxquant.qat.prepare / fxquant.qat.convert
 from fxquant.analysis import Blocked, Structure, analyse
@@ -15,6 +16,7 @@ from fxquant.errors import (
     CalibrationError, CaptureError, FxquantError, ModelLoadError, NoHadamardError, PassError, RecipeError, UnsupportedPatternError,
 )
 from fxquant.ir import CapturedGraph, ParamRef
+from fxquant.lowering import lower, lowering_report
 from fxquant.pipeline import Change, PassResult, Pipeline, Step, fxpass
 from fxquant.recipes import PRESETS, Recipe, load_recipe
 from fxquant.serialize import load, save
@@ -22,7 +24,7 @@ from fxquant.serialize import load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "apply_recipe", "save", "load", "load_recipe", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
+    "quantize", "apply_recipe", "lower", "lowering_report", "save", "load", "load_recipe", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
     "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
     "NoHadamardError", "RecipeError", "ModelLoadError", "PassError", "qat",
 ]

@@ -16,6 +16,9 @@ import operator
 import torch
 import torch.fx
 
+from fxquant.runtime.kernels.ops import (
+    FAST_FAKE_QUANT, FAST_HADAMARD, FAST_HADAMARD_FAKE_QUANT, INT4_TINYGEMM, INT8_WEIGHT_MM,
+)
 from fxquant.runtime.library import FAKE_QUANT, HADAMARD, QUANTIZED_LINEAR
 
 aten = torch.ops.aten
@@ -71,7 +74,11 @@ _TABLE: dict[object, OpClass] = {
 
 # fxquant's own torch.library ops; fake_quant keeps rows (tokens) apart but is not linear. A packed
 # quantized linear reads no float weight a transform could edit: a barrier to every walker.
-_FXQUANT_OPS = {HADAMARD: OpClass.ONLINE, FAKE_QUANT: OpClass.ELEMENTWISE, QUANTIZED_LINEAR: OpClass.BARRIER}
+_FXQUANT_OPS = {HADAMARD: OpClass.ONLINE, FAKE_QUANT: OpClass.ELEMENTWISE, QUANTIZED_LINEAR: OpClass.BARRIER,
+                # the kernels a lowered model runs (fxquant.runtime.kernels): the same semantics
+                FAST_HADAMARD: OpClass.ONLINE, FAST_FAKE_QUANT: OpClass.ELEMENTWISE,
+                FAST_HADAMARD_FAKE_QUANT: OpClass.BARRIER, INT4_TINYGEMM: OpClass.BARRIER,
+                INT8_WEIGHT_MM: OpClass.BARRIER}
 
 
 def classify(node: torch.fx.Node) -> OpClass:

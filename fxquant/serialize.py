@@ -30,10 +30,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from fxquant.errors import ModelLoadError, RecipeError
+from fxquant.lowering import lower as lower_model
 from fxquant.quant.pack import pack_model
 from fxquant.runtime.attention import ATTR, install
 from fxquant.runtime.hooks import HOOK_TYPES
 from fxquant.runtime.linear import QuantizedLinear
+from fxquant.runtime.lowered import portable_hooks
 from fxquant.weights import canonical, replace_module
 
 FORMAT = "fxquant-1"
@@ -74,10 +76,11 @@ def save(model: torch.nn.Module, directory, recipe=None) -> Path:
     return out
 
 
-def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load(directory, dtype: torch.dtype | None = None, *, lower: bool = False, device=None) -> torch.nn.Module:
     """Rebuild a model saved by `save`: config -> fresh model -> replayed edits -> strict weights.
 
     Every file is checked before any weight is used; a damaged one raises ModelLoadError naming it.
+    `lower=True` then puts it on the kernels of `device` (default CPU): `fxquant.lower`.
     """
     src = Path(directory)
     meta = _read_meta(src)
@@ -107,6 +110,10 @@ def load(directory, dtype: torch.dtype | None = None) -> torch.nn.Module:
             model.get_submodule(path).register_forward_pre_hook(_HOOKS[hook.pop("type")](**hook))
     for path, fields in meta["attention"].items():
         install(model, model.get_submodule(path), **fields)
+    if lower:
+        lower_model(model, device)
+    elif device is not None:
+        model.to(device)
     return model.eval()
 
 
@@ -355,8 +362,8 @@ def _extra_parameters(model, fresh) -> dict:
 def _hooks(model) -> dict:
     out = {}
     for name, module in model.named_modules():
-        ours = [{"type": type(h).__name__, **dataclasses.asdict(h)} for h in module._forward_pre_hooks.values()
-                if isinstance(h, tuple(_HOOKS.values()))]
+        ours = [{"type": type(p).__name__, **dataclasses.asdict(p)} for h in module._forward_pre_hooks.values()
+                if isinstance(h, tuple(_HOOKS.values())) for p in portable_hooks(h)]
         if ours:
             out[name] = ours
     return out

@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors; set before any kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from fxquant.analysis import analyse
 from fxquant.capture import capture
 from fxquant.models import TINY_CONFIGS, tiny_model

@@ -37,7 +37,7 @@ def _packable(module: torch.nn.Module) -> str | None:
     return None
 
 
-def _moved(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+def carry_state(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
     """Give `new` the hooks and the parameters/buffers `old` has beyond weight and bias."""
     for slot in _HOOK_SLOTS:
         if hasattr(old, slot):
@@ -60,7 +60,7 @@ def pack_module(path: str, module: torch.nn.Module) -> QuantizedLinear:
         raise PassError(f"pack: the weight of '{path}' is not the quantized weight recorded for it: a pass changed it "
                         "after quantization. Put weight quantization (quantize_weights / gptq) after every pass "
                         "that edits weights")
-    return _moved(module, QuantizedLinear.from_weight(qw, module.bias, transposed))
+    return carry_state(module, QuantizedLinear.from_weight(qw, module.bias, transposed))
 
 
 def pack_model(model: torch.nn.Module) -> tuple[list[Change], list[Blocked]]:

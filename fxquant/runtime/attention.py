@@ -36,6 +36,15 @@ class AttentionTransform:
     kv_bits: int | None = None
     kv_symmetric: bool = False
 
+    def apply(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+        """(q, k, v) after R3 and the KV quantizer: the reference ops (a lowered transform overrides)."""
+        if self.rotate_qk:
+            query, key = hadamard(query), hadamard(key)
+        if self.kv_bits is not None:  # [batch, heads, tokens, head_dim]: one scale per (token, head)
+            key = fake_quant(key, self.kv_bits, self.kv_symmetric)
+            value = fake_quant(value, self.kv_bits, self.kv_symmetric)
+        return query, key, value
+
 
 def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
     """SDPA with the calling module's AttentionTransform applied to the post-RoPE q and k."""
@@ -44,11 +53,7 @@ def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
         seen = getattr(_SEEN, "ids", None)
         if seen is not None:
             seen.add(id(module))
-        if transform.rotate_qk:
-            query, key = hadamard(query), hadamard(key)
-        if transform.kv_bits is not None:  # [batch, heads, tokens, head_dim]: one scale per (token, head)
-            key = fake_quant(key, transform.kv_bits, transform.kv_symmetric)
-            value = fake_quant(value, transform.kv_bits, transform.kv_symmetric)
+        query, key, value = transform.apply(query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

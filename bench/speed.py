@@ -1,0 +1,106 @@
+"""Prefill time and decode speed of float and quantized models, before and after `fxquant.lower`.
+
+Usage: python bench/speed.py [--model smollm2] [--presets w4a16:64,w8a8,quarot-w4a4kv4]
+                             [--prompt 512] [--new 32] [--repeats 3] [--compile] [--json out.json]
+
+In one process, one model at a time: float32, bfloat16, and for each preset (NAME or NAME:GROUP)
+the packed model and the same model lowered. Prefill = one forward of `--prompt` tokens (median of
+`--repeats`); decode = greedy `generate` at batch 1, (t(new + 1 tokens) - t(1 token)) / new, the
+same prompt (median). `--compile` adds each model under `torch.compile` (inductor). Ratios are
+against float32 eager and bfloat16 eager of the same run, since the machines are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from fxquant.api import quantize
+from fxquant.lowering import lower, lowering_report
+from fxquant.models import load_model
+
+
+def _time(fn, repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def measure(model, ids: torch.Tensor, new: int, repeats: int) -> dict:
+    """{'prefill_ms', 'decode_tok_s'} for `model` on prompt `ids` [1, T]."""
+    def gen(n):
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    with torch.inference_mode():
+        gen(2)  # warm up: kernels, caches, lazily built tables
+        prefill = _time(lambda: model(ids), repeats)
+        one, full = _time(lambda: gen(1), repeats), _time(lambda: gen(new + 1), repeats)
+    return {"prefill_ms": prefill * 1e3, "decode_tok_s": new / max(full - one, 1e-9)}
+
+
+def _preset(spec: str) -> tuple[str, dict]:
+    name, _, group = spec.partition(":")
+    return spec, ({"preset": name, "group_size": int(group)} if group else {"preset": name})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--presets", default="w4a16:64,w8a8,quarot-w4a4kv4")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also measure each model under torch.compile")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    base, _ = load_model(args.model)
+    ids = torch.randint(0, base.config.vocab_size, (1, args.prompt))
+    rows = []
+
+    def record(name, model):
+        for compiled in ([False, True] if args.compile else [False]):
+            target = model
+            if compiled:
+                target = copy.copy(model)
+                target.forward = torch.compile(model.forward, dynamic=True)
+            row = {"model": name + (" +compile" if compiled else ""), **measure(target, ids, args.new, args.repeats)}
+            rows.append(row)
+            print(f"{row['model']:32s} prefill {row['prefill_ms']:8.1f} ms   decode {row['decode_tok_s']:6.1f} tok/s",
+                  flush=True)
+
+    record("float32", base)
+    record("bfloat16", copy.deepcopy(base).to(torch.bfloat16))
+    for spec in args.presets.split(","):
+        label, recipe = _preset(spec)
+        model = copy.deepcopy(base)
+        quantize(model, recipe, verify=False)
+        record(f"{label} packed", model)
+        start = time.perf_counter()
+        lower(model)
+        print(f"  lowered in {time.perf_counter() - start:.1f} s:\n" + lowering_report(model).summary(), flush=True)
+        record(f"{label} lowered", model)
+        del model
+    f32, b16 = rows[0], rows[1 + args.compile]
+    print(f"\n{'model':32s} {'prefill ms':>10s} {'x fp32':>7s} {'decode tok/s':>12s} {'x fp32':>7s} {'x bf16':>7s}")
+    for r in rows:
+        print(f"{r['model']:32s} {r['prefill_ms']:10.1f} {r['prefill_ms'] / f32['prefill_ms']:7.2f} "
+              f"{r['decode_tok_s']:12.1f} {r['decode_tok_s'] / f32['decode_tok_s']:7.2f} "
+              f"{r['decode_tok_s'] / b16['decode_tok_s']:7.2f}")
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The linear kernel table: every kernel a packed `QuantizedLinear` can run on, as data.
+
+Entry points: `LinearKernel` (name, device type, when it refuses a layer, how it converts the
+weight once, how it runs), `LINEAR_KERNELS` (the table, reference first) and `candidates(layer,
+device)` (the kernels that take a layer there, with the reasons the others refuse). The reference
+reads the portable codes every call (exact: it is `fxquant::quantized_linear`); every other kernel
+reads buffers `prepare` made once, in its own layout, named `<kernel>_<key>` on the layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fxquant.runtime.kernels import int4, int8
+
+
+@dataclass(frozen=True)
+class LinearKernel:
+    """One way to compute a packed layer's product: `refusal(layer)` says why not (None: it can),
+    `prepare(layer)` returns the buffers it reads, `run(layer, x)` computes y."""
+
+    name: str
+    device: str  # the device type it runs on ("cpu", "cuda"); "any" for the reference
+    what: str  # the kernel in words, for the lowering report
+    exact: bool  # bit-identical to the reference
+    refusal: Callable[[torch.nn.Module], str | None]
+    prepare: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
+    run: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _reference(layer, x):
+    return torch.ops.fxquant.quantized_linear(x, layer.codes, layer.scale, layer.zero, layer.bias,
+                                              *layer._op_format(), layer.transposed)
+
+
+def _tinygemm(layer, x):
+    return torch.ops.fxquant.int4_tinygemm(x, layer.int4_tinygemm_weight, layer.int4_tinygemm_scale_zeros,
+                                           int4.tinygemm_group(layer), layer.bias)
+
+
+def _int8(layer, x):
+    return torch.ops.fxquant.int8_weight_mm(x, layer.int8_weight_weight, layer.int8_weight_scales, layer.bias)
+
+
+def _triton_int4_refusal(layer) -> str | None:
+    if layer.fmt.bits != 4:
+        return f"{layer.fmt.bits}-bit codes (the kernel is int4)"
+    try:
+        from fxquant.runtime.kernels.triton import int4 as triton_int4  # noqa: F401
+    except ImportError as exc:
+        return f"triton does not import ({exc})"
+    return None
+
+
+def _triton_int4_prepare(layer) -> dict[str, torch.Tensor]:
+    from fxquant.runtime.kernels.triton import int4 as triton_int4
+
+    prepared = triton_int4.prepare_int4(layer.codes, layer.scale, layer.zero, layer.fmt, layer.in_features)
+    return {f"t{i}": t for i, t in enumerate(prepared)}
+
+
+def _triton_int4(layer, x):
+    from fxquant.runtime.kernels.triton import int4 as triton_int4
+
+    tensors = [getattr(layer, f"triton_int4_t{i}") for i in range(len(layer.kernel_buffers["triton_int4"]))]
+    return triton_int4.int4_linear(x, triton_int4.Int4Weight(*tensors), layer.bias)
+
+
+REFERENCE = LinearKernel("reference", "any", "dequantize + F.linear (fxquant::quantized_linear)", True,
+                         lambda layer: None, lambda layer: {}, _reference)
+LINEAR_KERNELS = (
+    REFERENCE,
+    LinearKernel("int4_tinygemm", "cpu", "int4 tinygemm (aten._weight_int4pack_mm_for_cpu, bf16 activations)",
+                 False, int4.tinygemm_refusal, int4.to_tinygemm, _tinygemm),
+    LinearKernel("int8_weight", "cpu", "int8 weights (aten._weight_int8pack_mm, bf16 activations)",
+                 False, int8.int8_refusal, int8.to_int8pack, _int8),
+    LinearKernel("triton_int4", "cuda", "Triton int4 GEMV (M <= 16) / GEMM", False,
+                 _triton_int4_refusal, _triton_int4_prepare, _triton_int4),
+)
+KERNELS = {k.name: k for k in LINEAR_KERNELS}
+
+
+def candidates(layer, device: torch.device) -> tuple[list[LinearKernel], dict[str, str]]:
+    """(kernels that run `layer` on `device`, reference first; {kernel name: why it refuses})."""
+    usable, refused = [], {}
+    for kernel in LINEAR_KERNELS:
+        if kernel.device not in ("any", torch.device(device).type):
+            continue
+        reason = kernel.refusal(layer)
+        if reason is None:
+            usable.append(kernel)
+        else:
+            refused[kernel.name] = reason
+    return usable, refused

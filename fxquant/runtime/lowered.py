@@ -1,0 +1,121 @@
+"""What a lowered model runs: packed layers on kernels, and the hooks and attention on fast ops.
+
+Entry points: `LoweredLinear` (a `QuantizedLinear` that dispatches on the token count M between a
+decode kernel and a prefill kernel), `FastOnlineHadamard`, `FastActivationQuant`,
+`FastHadamardQuant` (R4 and the activation quantizer fused) and `FastAttentionTransform`. The one
+idea: every lowered object is a subclass of the portable one it replaces and keeps its state, so
+`hooks_of`, `save` and a re-capture see what they always saw; a saved lowered model is the packed
+model (a model lowered on CPU loads and lowers on GPU). Kernel layouts are non-persistent buffers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from fxquant.runtime.attention import AttentionTransform
+from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, _floating_input
+from fxquant.runtime.kernels.hadamard import fast_hadamard
+from fxquant.runtime.kernels.linear import KERNELS
+from fxquant.runtime.kernels.quantize import fast_fake_quant, fast_hadamard_fake_quant
+from fxquant.runtime.linear import QuantizedLinear
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """Which kernel runs a layer: `decode` for M <= `max_decode_m` tokens, `prefill` above."""
+
+    decode: str
+    prefill: str
+    max_decode_m: int
+    why: str = ""  # how the plan was chosen (measured, or the rule used)
+
+
+class LoweredLinear(QuantizedLinear):
+    """A packed linear on kernels: the portable codes stay (they are what `save` writes and what the
+    reference reads), each planned kernel's layout is added once as non-persistent buffers."""
+
+    @classmethod
+    def lower(cls, layer: QuantizedLinear, plan: LinearPlan) -> LoweredLinear:
+        """The lowered twin of `layer`, sharing its buffers, with the plan's kernel layouts built."""
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.in_features, new.out_features, new.fmt, new.transposed = (
+            layer.in_features, layer.out_features, layer.fmt, layer.transposed)
+        for name in ("codes", "scale", "zero"):
+            new.register_buffer(name, getattr(layer, name))
+        new.bias = layer.bias
+        new.plan, new.kernel_buffers = plan, {}
+        for name in dict.fromkeys((plan.decode, plan.prefill)):
+            buffers = KERNELS[name].prepare(new)
+            new.kernel_buffers[name] = tuple(buffers)
+            for key, tensor in buffers.items():
+                new.register_buffer(f"{name}_{key}", tensor, persistent=False)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // self.in_features
+        name = self.plan.decode if m <= self.plan.max_decode_m else self.plan.prefill
+        return KERNELS[name].run(self, x)
+
+    def extra_repr(self) -> str:
+        plan = self.plan
+        return (f"{super().extra_repr()}, decode={plan.decode} (M <= {plan.max_decode_m}), "
+                f"prefill={plan.prefill}")
+
+
+@dataclass(frozen=True)
+class FastOnlineHadamard(OnlineHadamard):
+    """R4 on the fast Hadamard op (fxquant::fast_hadamard)."""
+
+    def __call__(self, module, args):
+        return (fast_hadamard(args[0]), *args[1:]) if _floating_input(args) else None
+
+
+@dataclass(frozen=True)
+class FastActivationQuant(ActivationFakeQuant):
+    """The per-token activation quantizer on its fast op (bit-identical to fxquant::fake_quant)."""
+
+    def __call__(self, module, args):
+        if not _floating_input(args):
+            return None
+        return (fast_fake_quant(args[0], self.bits, self.symmetric, self.clip_ratio), *args[1:])
+
+
+@dataclass(frozen=True)
+class FastHadamardQuant(ActivationFakeQuant, OnlineHadamard):
+    """An online Hadamard and the activation quantizer after it, in one op: one hook for the two it
+    replaced (`portable()` gives them back, in order, for `save`)."""
+
+    def __call__(self, module, args):
+        if not _floating_input(args):
+            return None
+        return (fast_hadamard_fake_quant(args[0], self.bits, self.symmetric, self.clip_ratio), *args[1:])
+
+    def portable(self) -> tuple:
+        return OnlineHadamard(), ActivationFakeQuant(self.bits, self.symmetric, self.clip_ratio)
+
+
+def portable_hooks(hook) -> tuple:
+    """The portable hooks a (possibly lowered) hook stands for, as `save` records them."""
+    if hasattr(hook, "portable"):
+        return hook.portable()
+    for base in (OnlineHadamard, ActivationFakeQuant):
+        if type(hook) is not base and isinstance(hook, base):
+            return (base(**dataclasses.asdict(hook)),)
+    return (hook,)
+
+
+@dataclass(frozen=True)
+class FastAttentionTransform(AttentionTransform):
+    """R3 and the KV-cache quantizer on the fast ops; the key's Hadamard and quantizer fused."""
+
+    def apply(self, query, key, value):
+        if self.rotate_qk:
+            query = fast_hadamard(query)
+        if self.kv_bits is None:
+            return query, (fast_hadamard(key) if self.rotate_qk else key), value
+        quant = fast_hadamard_fake_quant if self.rotate_qk else fast_fake_quant
+        return (query, quant(key, self.kv_bits, self.kv_symmetric, 1.0),
+                fast_fake_quant(value, self.kv_bits, self.kv_symmetric, 1.0))

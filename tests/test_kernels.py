@@ -1,0 +1,159 @@
+"""CPU kernels against their references: Hadamard, the per-token quantizers, int4 and int8 linears."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant.hadamard import has_hadamard, hadamard_transform
+from fxquant.quant.format import QuantFormat
+from fxquant.quant.numerics import qparams, quantize, quantized_weight
+from fxquant.runtime.kernels import int4, int8
+from fxquant.runtime.kernels.hadamard import fast_hadamard, kronecker_hadamard
+from fxquant.runtime.kernels.linear import KERNELS, candidates
+from fxquant.runtime.kernels.quantize import fast_fake_quant, fast_hadamard_fake_quant, reference, row_fake_quant
+from fxquant.runtime.linear import QuantizedLinear
+from fxquant.runtime.lowered import LinearPlan, LoweredLinear
+
+HADAMARD_SIZES = [n for n in (1, 2, 4, 12, 40, 64, 576, 1536, 4096, 14336, 11008) if has_hadamard(n)]
+
+
+@pytest.mark.parametrize("n", HADAMARD_SIZES)
+def test_kronecker_hadamard_equals_the_butterfly_reference_in_float64(n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    torch.testing.assert_close(kronecker_hadamard(x), hadamard_transform(x), atol=1e-12, rtol=0)
+
+
+def test_fast_hadamard_keeps_the_layout_of_a_transposed_view_and_half_dtypes():
+    x = torch.randn(2, 5, 3, 64).transpose(1, 2)  # [batch, heads, tokens, head_dim] as attention hands it over
+    y = fast_hadamard(x)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, hadamard_transform(x), atol=1e-5, rtol=0)
+    h = torch.randn(4, 576, dtype=torch.float16)
+    assert fast_hadamard(h).dtype == torch.float16
+    torch.testing.assert_close(fast_hadamard(h), hadamard_transform(h), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,symmetric,clip", [(4, True, 1.0), (8, True, 0.9), (4, False, 1.0), (8, False, 0.85)])
+def test_row_fake_quant_is_bit_identical_to_the_reference(dtype, bits, symmetric, clip):
+    x = (torch.randn(6, 3, 64) * 4).to(dtype)
+    x[0, 0] = 0  # an all-zero row: the scale clamps to EPS
+    x[1, 1, 5] = 300  # an outlier
+    torch.testing.assert_close(row_fake_quant(x, bits, symmetric, clip), reference(x, bits, symmetric, clip),
+                               atol=0, rtol=0, equal_nan=True)
+
+
+def test_fused_hadamard_quantizer_equals_hadamard_then_quantizer():
+    x = torch.randn(5, 1536)
+    expected = reference(kronecker_hadamard(x), 4, True, 1.0)
+    assert torch.equal(fast_hadamard_fake_quant(x, 4, True, 1.0), expected)
+    close = reference(hadamard_transform(x), 4, True, 1.0)  # the butterfly differs in the last float bit only:
+    diff = (fast_hadamard_fake_quant(x, 4, True, 1.0) - close).abs()  # scales a bit apart, rare one-step flips
+    assert (diff > 1e-5 * close.abs().max()).float().mean() < 0.005
+
+
+def test_fast_fake_quant_passes_gradients_straight_through():
+    x = torch.randn(3, 16, requires_grad=True)
+    fast_fake_quant(x, 4, True, 1.0).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("op,args", [
+    (torch.ops.fxquant.fast_hadamard.default, (torch.randn(3, 48),)),
+    (torch.ops.fxquant.fast_fake_quant.default, (torch.randn(3, 16), 4, False, 0.9)),
+    (torch.ops.fxquant.fast_hadamard_fake_quant.default, (torch.randn(3, 64), 8, True, 1.0)),
+])
+def test_elementwise_kernel_ops_pass_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def _layer(out_f, in_f, fmt, bias=False, seed=0):
+    """A packed layer with random weights quantized in `fmt` (codes, scales, zeros as pack makes them)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    scale, zero = qparams(w, fmt)
+    qw = quantized_weight(quantize(w, scale, zero, fmt).reshape(scale.shape[:-1] + (-1,)), scale, zero, fmt,
+                          torch.float32)
+    qw = type(qw)(qw.codes.reshape(out_f, in_f), qw.scale, qw.zero, fmt)
+    return QuantizedLinear.from_weight(qw, torch.randn(out_f, generator=gen) if bias else None)
+
+
+INT4_FORMATS = [QuantFormat(4, True, None, "int"), QuantFormat(4, False, 64, "float"),
+                QuantFormat(4, False, 32, "int"), QuantFormat(4, True, 128, "int")]
+
+
+@pytest.mark.parametrize("fmt", INT4_FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_int4_tinygemm_matches_the_reference_to_bfloat16_rounding(fmt, m):
+    layer = _layer(48, 256, fmt, bias=True)
+    lowered = LoweredLinear.lower(layer, LinearPlan("int4_tinygemm", "int4_tinygemm", 10 ** 6))
+    x = torch.randn(m, 256)
+    ref = layer(x)
+    out = lowered(x)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    # bf16 activations, scales and output: relative error a few 2^-8 of the output's size
+    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert (out - ref).abs().max() > 0  # it really ran the bf16 kernel, not the reference
+
+
+def test_int4_integer_zeros_convert_to_the_float_offset_within_a_float32_ulp():
+    layer = _layer(16, 64, QuantFormat(4, False, 32, "int"))
+    z = int4.offset_zero(layer)  # w = (u - 8) s + z'  must equal  (u - z) s
+    u = layer.codes  # packed; compare on the dequantized weight instead
+    from fxquant.quant.packed import unpack_int4
+
+    codes = unpack_int4(u).float().reshape(16, 2, 32)
+    w_tiny = (codes - 8) * layer.scale.float()[..., None] + z[..., None]
+    torch.testing.assert_close(w_tiny.reshape(16, 64), layer.weight_values(), rtol=2e-7, atol=2e-7)
+
+
+def test_tinygemm_refuses_widths_it_cannot_pack_with_the_reason():
+    usable, refused = candidates(_layer(40, 64, QuantFormat(4, True, None, "int")), torch.device("cpu"))
+    assert [k.name for k in usable] == ["reference"]
+    assert "not a multiple of 16" in refused["int4_tinygemm"]
+    assert "8-bit" not in refused["int4_tinygemm"] and "4-bit codes" in refused["int8_weight"]
+
+
+@pytest.mark.parametrize("in_f", [40, 24, 256])  # 24, 40: the AVX bf16 int8 kernel crashes or is wrong unpadded
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8_weight_kernel_pads_k_and_matches_the_reference(in_f, m):
+    layer = _layer(32, in_f, QuantFormat(8, True, None, "int"), bias=True)
+    lowered = LoweredLinear.lower(layer, LinearPlan("int8_weight", "int8_weight", 10 ** 6))
+    assert lowered.int8_weight_weight.shape[1] % int8.K_MULTIPLE == 0
+    x = torch.randn(m, in_f)
+    ref, out = layer(x), lowered(x)
+    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_int8_kernel_refuses_grouped_or_asymmetric_weights():
+    assert "symmetric per-channel" in int8.int8_refusal(_layer(16, 64, QuantFormat(8, False, None, "int")))
+    assert "symmetric per-channel" in int8.int8_refusal(_layer(16, 64, QuantFormat(8, True, 32, "int")))
+
+
+def test_lowered_linear_dispatches_on_the_token_count():
+    layer = _layer(32, 64, QuantFormat(4, False, 64, "float"))
+    lowered = LoweredLinear.lower(layer, LinearPlan("int4_tinygemm", "reference", 4))
+    small, large = torch.randn(1, 4, 64), torch.randn(1, 5, 64)
+    assert not torch.equal(lowered(small), layer(small))  # the bf16 kernel
+    assert torch.equal(lowered(large), layer(large))  # the exact reference above M = 4
+
+
+def test_lowered_linear_keeps_only_the_portable_state():
+    layer = _layer(32, 64, QuantFormat(4, False, 64, "float"), bias=True)
+    lowered = LoweredLinear.lower(layer, LinearPlan("int4_tinygemm", "reference", 16))
+    assert set(lowered.state_dict()) == set(layer.state_dict())
+    assert isinstance(lowered, QuantizedLinear) and lowered.spec() == layer.spec()
+
+
+@pytest.mark.parametrize("name", ["int4_tinygemm", "int8_weight"])
+def test_linear_kernel_ops_pass_opcheck(name):
+    fmt = QuantFormat(4, False, 64, "float") if name == "int4_tinygemm" else QuantFormat(8, True, None, "int")
+    layer = LoweredLinear.lower(_layer(32, 64, fmt, bias=True), LinearPlan(name, name, 16))
+    if name == "int4_tinygemm":
+        op, args = torch.ops.fxquant.int4_tinygemm.default, (torch.randn(2, 64), layer.int4_tinygemm_weight,
+                                                            layer.int4_tinygemm_scale_zeros, 64, layer.bias)
+    else:
+        op, args = torch.ops.fxquant.int8_weight_mm.default, (torch.randn(2, 64), layer.int8_weight_weight,
+                                                             layer.int8_weight_scales, layer.bias)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    assert KERNELS[name].refusal(layer) is None
