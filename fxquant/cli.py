@@ -3,6 +3,7 @@
     fxquant quantize --model smollm2 [--recipe rotate-r1r2-w8a8] [--eval-windows N]
     fxquant inspect  --model smollm2|PATH|tiny-ARCH   # capture + analyse, print tables, dump graph
     fxquant eval     --model smollm2|PATH|DIR [--recipe NAME]   # perplexity (before -> after a recipe)
+    fxquant generate --model DIR|smollm2 --prompt TEXT [--recipe NAME]   # stream text, print speed
     fxquant recipes  [NAME]   # list the presets, or print one preset's TOML file to copy and edit
 
 Errors from fxquant exit with status 2 and their message, never a traceback.
@@ -56,7 +57,17 @@ def _parser() -> argparse.ArgumentParser:
                                                    "and print perplexity before -> after")
     ev.add_argument("--calibration", type=int, default=32, metavar="N",
                     help="with --recipe: calibration windows for calibrated passes (default 32)")
+    ev.add_argument("--no-lower", action="store_true", help="evaluate the packed model on its reference ops "
+                                                            "instead of lowering it to kernels first")
     ev.set_defaults(run=_eval)
+    gen = sub.add_parser("generate", help="stream a greedy completion and print prefill and decode speed")
+    gen.add_argument("--model", required=True, help="a directory fxquant quantize --out wrote, smollm2, a HF dir or .gguf")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--recipe", default=None, help="quantize in memory with this preset or recipe file first")
+    gen.add_argument("--no-lower", action="store_true", help="run the reference ops instead of the kernels")
+    gen.set_defaults(run=_generate)
     rec = sub.add_parser("recipes", help="list the presets, or print one preset's TOML recipe file")
     rec.add_argument("name", nargs="?", metavar="NAME",
                      help="print this preset's file, to copy and edit: fxquant recipes w4a16 > mine.toml")
@@ -115,6 +126,7 @@ def _eval(args) -> int:
             "eval needs smollm2, a .gguf file, or a HF directory with tokenizer files.")
     start = time.perf_counter()
     windows = eval_windows(default_tokens(tokenizer), EvalSplit(seq_len=args.seq_len, n_eval=args.windows))
+    _lower(model, args.no_lower)
     ppl = perplexity(model, windows)
     print(f"eval split: last {args.windows} windows of {args.seq_len} tokens of pydoc_data.topics "
           f"({time.perf_counter() - start:.1f}s)")
@@ -123,10 +135,80 @@ def _eval(args) -> int:
 
         calibration = _calibration(tokenizer, args.calibration, args.model, model)
         _print_result(apply_recipe(model, args.recipe, calibration, progress=True))
+        _lower(model, args.no_lower)
         print(f"perplexity: {ppl:.4f} -> {perplexity(model, windows):.4f} ({args.recipe})")
         return 0
     print(f"perplexity: {ppl:.4f}")
     return 0
+
+
+def _lower(model, skip: bool) -> None:
+    """Lower a quantized model to kernels (unless `skip`) and print the report's summary."""
+    from fxquant.lowering import lower, lowering_report
+    from fxquant.runtime.linear import QuantizedLinear
+
+    if skip or not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        return
+    start = time.perf_counter()
+    lower(model)
+    print(f"lowered in {time.perf_counter() - start:.1f}s (--no-lower to compare):\n{lowering_report(model).summary()}")
+
+
+def _generate(args) -> int:
+    import torch
+
+    from fxquant.errors import ModelLoadError
+
+    model, tokenizer = _load_for_eval(args.model)
+    if tokenizer is None:
+        raise ModelLoadError(f"model {args.model!r} has no tokenizer, so the prompt cannot be tokenized")
+    if args.recipe:
+        from fxquant.api import apply_recipe
+
+        apply_recipe(model, args.recipe, _calibration(tokenizer, 32, args.model, model))
+    _lower(model, args.no_lower)
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    streamer = _TimedStreamer(tokenizer)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    print()
+    print(streamer.speed(ids.shape[1]))
+    return 0
+
+
+class _TimedStreamer:
+    """Prints each new token as it comes and records when: prefill = time to the first new token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.times, self.tokens, self.printed = tokenizer, [], [], 0
+        self.start = time.perf_counter()
+
+    def put(self, value) -> None:
+        if not self.times:  # the first call is the prompt itself
+            self.times.append(time.perf_counter())
+            self.start = self.times[0]
+            return
+        self.times.append(time.perf_counter())
+        self.tokens += value.reshape(-1).tolist()
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+
+    def end(self) -> None:
+        pass
+
+    def speed(self, prompt_tokens: int) -> str:
+        if len(self.times) < 2:
+            return "no tokens generated"
+        prefill = self.times[1] - self.times[0]
+        decoded = len(self.times) - 2
+        rate = decoded / (self.times[-1] - self.times[1]) if decoded else float("nan")
+        return (f"prefill: {prompt_tokens} tokens in {prefill * 1e3:.0f} ms; decode: {decoded} tokens at "
+                f"{rate:.1f} tok/s")
 
 
 def _quantize(args) -> int:

@@ -149,6 +149,19 @@ def untie(module: torch.nn.Module, name: str) -> torch.nn.Parameter:
     return own
 
 
+def untie_shared(model: torch.nn.Module, path: str, name: str) -> bool:
+    """Untie `path.name` from the modules it shares its tensor with (lm_head and the embedding), and
+    mark the model's config untied so save / load keep the two apart; False when it shared nothing."""
+    module = model.get_submodule(path)
+    if len(shared_names(model).get(id(getattr(module, name)), ())) < 2:
+        return False
+    untie(module, name)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    return True
+
+
 @torch.no_grad()
 def add_bias(module: torch.nn.Module, out_features: int, like: torch.Tensor) -> torch.nn.Parameter:
     """Give a bias-free linear a zero bias (a folded LayerNorm bias needs somewhere to go)."""

@@ -16,7 +16,7 @@ from fxquant.passes.gptq import gptq
 from fxquant.passes.pack import pack
 from fxquant.passes.online_rotations import insert_online_hadamard, rotate_qk
 from fxquant.passes.quantize_activations import quantize_activations, quantize_kv_cache
-from fxquant.passes.quantize_weights import quantize_weights
+from fxquant.passes.quantize_weights import quantize_lm_head, quantize_weights
 from fxquant.passes.rotate_residual import rotate_residual
 from fxquant.passes.rotate_vo import rotate_vo
 
@@ -28,6 +28,7 @@ PASSES = {
     "insert_online_hadamard": (insert_online_hadamard, NormFoldConfig),  # R4 (precision of the fold)
     "rotate_qk": (rotate_qk, None),  # R3: Hadamard on q and k after RoPE, inside attention
     "quantize_weights": (quantize_weights, WeightQuantConfig),  # RTN fake-quant weights
+    "quantize_lm_head": (quantize_lm_head, WeightQuantConfig),  # RTN fake-quant the output layer too (opt-in)
     "quantize_activations": (quantize_activations, ActQuantConfig),  # per-token fake-quant inputs
     "quantize_kv_cache": (quantize_kv_cache, KVQuantConfig),  # k (after R3) and v per (token, head)
     "smooth_quant": (smooth_quant, SmoothQuantConfig),  # s = max|x|^a / max|W|^(1-a), folded (calibrated)

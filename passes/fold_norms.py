@@ -16,7 +16,7 @@ import torch
 from fxquant.config import NormFoldConfig
 from fxquant.errors import UnsupportedPatternError
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.weights import add_bias, assign, center_out, replace_module, scale_in, shared_names, shift_in, untie
+from fxquant.weights import add_bias, assign, center_out, replace_module, scale_in, shift_in, untie_shared
 
 CENTRED_ATOL = 1e-5  # relative: |row mean| <= CENTRED_ATOL * max|row| counts as mean-free
 
@@ -25,14 +25,10 @@ def _precision(cfg) -> torch.dtype:
     return getattr(torch, (cfg or NormFoldConfig()).precision)
 
 
-def _untie_reader(cg, reader, shared) -> Change | None:
+def _untie_reader(cg, reader) -> Change | None:
     """Give a tied reader (lm_head sharing the embedding) its own weight before it is scaled."""
-    if len(shared.get(id(cg.param(reader.weight)), ())) < 2:
+    if not untie_shared(cg.model, reader.module, reader.weight.name):
         return None
-    untie(cg.model.get_submodule(reader.module), reader.weight.name)
-    config = getattr(cg.model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False  # save/load keeps the two tensors apart
     return Change("untied", reader.weight.fqn, "its tied twin keeps the old values")
 
 
@@ -51,13 +47,13 @@ def _check_layernorm_model(structure) -> bool:
     return True
 
 
-def _fold_group(cg, group, prec, shared) -> list[Change]:
+def _fold_group(cg, group, prec) -> list[Change]:
     norm, changes = group.norm, []
     weight = cg.param(norm.weight) if norm.weight is not None else None
     scale = (weight.detach().double() + norm.offset) if weight is not None else None
     bias = cg.param(norm.bias) if norm.bias is not None else None
     for reader in group.readers:
-        untied = _untie_reader(cg, reader, shared)
+        untied = _untie_reader(cg, reader)
         changes += [untied] if untied else []
         w = cg.param(reader.weight)
         if bias is not None:  # c' = c + W b, with the W from before the scale below
@@ -89,10 +85,10 @@ def fold_norms(cg, structure, cfg: NormFoldConfig | None) -> PassResult:
     structure.refuse_if_blocked("fold_norms")
     centre = _check_layernorm_model(structure)
     _refuse_expert_readers_of_biased_norms(structure)
-    prec, shared, changes = _precision(cfg), shared_names(cg.model), []
+    prec, changes = _precision(cfg), []
     for group in structure.stream.groups:
         if group.norm is not None:
-            changes += _fold_group(cg, group, prec, shared)
+            changes += _fold_group(cg, group, prec)
     if centre:  # after the folds: a tied lm_head was untied above, so centring the embedding spares it
         for src in structure.stream.sources:
             center_out(cg.param(src.weight), None, transposed=True, precision=prec)

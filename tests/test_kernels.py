@@ -157,3 +157,14 @@ def test_linear_kernel_ops_pass_opcheck(name):
                                                              layer.int8_weight_scales, layer.bias)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
     assert KERNELS[name].refusal(layer) is None
+
+
+@pytest.mark.parametrize("fmt", INT4_FORMATS[:3], ids=lambda f: f.describe())
+def test_the_triton_int4_kernel_in_the_table_matches_the_reference(fmt):
+    pytest.importorskip("triton")  # CPU tensors: the Triton interpreter (tests/conftest.py)
+    layer = _layer(48, 128, fmt, bias=True)
+    assert KERNELS["triton_int4"].refusal(layer) is None
+    lowered = LoweredLinear.lower(layer, LinearPlan("triton_int4", "triton_int4", 16))
+    for m in (1, 20):  # the split-K GEMV and the tiled GEMM
+        x = torch.randn(m, 128)
+        torch.testing.assert_close(lowered(x), layer(x), atol=1e-5 * layer(x).abs().max().item(), rtol=0)

@@ -121,3 +121,23 @@ def test_fake_quant_passes_gradients_straight_through():
     weights = torch.randn(5, 32)
     (fake_quant(x, 4, False) * weights).sum().backward()
     assert torch.equal(x.grad, weights)  # rounding is the identity for the gradient (STE)
+
+
+def test_quantize_lm_head_unties_a_tied_output_layer_and_leaves_the_embedding_float(tmp_path):
+    import fxquant
+    from fxquant.models import tiny_model
+    from fxquant.runtime.linear import QuantizedLinear
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    result = fxquant.apply_recipe(model, {"preset": "w4a16-lm-head", "group_size": 32})
+    changes = [c for c in result.results["quantize_lm_head"].changes]
+    assert [c.kind for c in changes] == ["untied", "quantized"]
+    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.fmt.bits == 4
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert not model.config.tie_word_embeddings
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    fxquant.save(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fxquant.load(tmp_path)(ids).logits, model(ids).logits)

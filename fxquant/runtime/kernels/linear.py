@@ -48,24 +48,27 @@ def _triton_int4_refusal(layer) -> str | None:
     if layer.fmt.bits != 4:
         return f"{layer.fmt.bits}-bit codes (the kernel is int4)"
     try:
-        from fxquant.runtime.kernels.triton import int4 as triton_int4  # noqa: F401
+        from fxquant.runtime.kernels.triton import int4 as triton_int4
     except ImportError as exc:
         return f"triton does not import ({exc})"
+    groups = layer.scale.shape[1]
+    try:
+        triton_int4.check_group(layer.in_features, groups)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
 def _triton_int4_prepare(layer) -> dict[str, torch.Tensor]:
     from fxquant.runtime.kernels.triton import int4 as triton_int4
 
-    prepared = triton_int4.prepare_int4(layer.codes, layer.scale, layer.zero, layer.fmt, layer.in_features)
-    return {f"t{i}": t for i, t in enumerate(prepared)}
+    w = triton_int4.prepare_int4(layer.codes, layer.scale, layer.zero, layer.fmt, layer.in_features)
+    return {"codes": w.codes, "scale": w.scale, **({"offset": w.offset} if w.offset is not None else {})}
 
 
 def _triton_int4(layer, x):
-    from fxquant.runtime.kernels.triton import int4 as triton_int4
-
-    tensors = [getattr(layer, f"triton_int4_t{i}") for i in range(len(layer.kernel_buffers["triton_int4"]))]
-    return triton_int4.int4_linear(x, triton_int4.Int4Weight(*tensors), layer.bias)
+    return torch.ops.fxquant.triton_int4_linear(x, layer.triton_int4_codes, layer.triton_int4_scale,
+                                                getattr(layer, "triton_int4_offset", None), layer.bias)
 
 
 REFERENCE = LinearKernel("reference", "any", "dequantize + F.linear (fxquant::quantized_linear)", True,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.runtime.kernels import hadamard, int4, int8, quantize  # noqa: F401  (registers the ops)
+from fxquant.runtime.kernels import hadamard, int4, int8, quantize
+
+FAMILIES = (hadamard, int4, int8, quantize)  # importing them registers the ops named below
 
 FAST_HADAMARD = torch.ops.fxquant.fast_hadamard.default
 FAST_FAKE_QUANT = torch.ops.fxquant.fast_fake_quant.default
