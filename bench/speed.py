@@ -1,7 +1,8 @@
 """Prefill time and decode speed of float and quantized models, before and after `fxquant.lower`.
 
 Usage: python bench/speed.py [--model smollm2] [--presets w4a16:64,w8a8,quarot-w4a4kv4]
-                             [--prompt 512] [--new 32] [--repeats 3] [--compile] [--json out.json]
+                             [--prompt 512] [--new 32] [--repeats 3] [--plans measure,fast]
+                             [--compile] [--json out.json]
 
 In one process, one model at a time: float32, bfloat16, and for each preset (NAME or NAME:GROUP)
 the packed model and the same model lowered. Prefill = one forward of `--prompt` tokens (median of
@@ -58,6 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--plans", default="measure", help="lowering plans to measure, e.g. measure,fast")
     p.add_argument("--compile", action="store_true", help="also measure each model under torch.compile")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -84,10 +86,12 @@ def main(argv=None) -> None:
         model = copy.deepcopy(base)
         quantize(model, recipe, verify=False)
         record(f"{label} packed", model)
-        start = time.perf_counter()
-        lower(model)
-        print(f"  lowered in {time.perf_counter() - start:.1f} s:\n" + lowering_report(model).summary(), flush=True)
-        record(f"{label} lowered", model)
+        for plan in args.plans.split(","):
+            start = time.perf_counter()
+            lower(model, plan=plan)
+            print(f"  lowered ({plan}) in {time.perf_counter() - start:.1f} s:\n" + lowering_report(model).summary(),
+                  flush=True)
+            record(f"{label} lowered" + ("" if plan == "measure" else f" ({plan})"), model)
         del model
     f32, b16 = rows[0], rows[1 + args.compile]
     print(f"\n{'model':32s} {'prefill ms':>10s} {'x fp32':>7s} {'decode tok/s':>12s} {'x fp32':>7s} {'x bf16':>7s}")

@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (for timing)")
     gen.add_argument("--recipe", default=None, help="quantize in memory with this preset or recipe file first")
     gen.add_argument("--no-lower", action="store_true", help="run the reference ops instead of the kernels")
     gen.set_defaults(run=_generate)
@@ -174,7 +175,8 @@ def _generate(args) -> int:
     ids = tokenizer(text, return_tensors="pt").input_ids
     streamer = _TimedStreamer(tokenizer)
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+                       min_new_tokens=args.max_new_tokens if args.ignore_eos else None)
     print()
     print(streamer.speed(ids.shape[1]))
     return 0

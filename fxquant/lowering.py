@@ -1,6 +1,6 @@
 """Lowering: a quantized model's packed linears, online Hadamards and quantizers onto kernels.
 
-Entry points: `lower(model, device=None, *, tune=True) -> model` (in place) and
+Entry points: `lower(model, device=None, *, plan="measure") -> model` (in place) and
 `lowering_report(model) -> LoweringReport` (what runs on which kernel, what was left and why).
 The one idea: decide, then do. For each packed layer the kernels that take it on the device are
 listed (fxquant.runtime.kernels.linear; the others give their reason), the fastest for decode
@@ -18,7 +18,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
+from fxquant.errors import RecipeError
 from fxquant.quant.pack import carry_state, pack_model
 from fxquant.runtime.attention import ATTR, AttentionTransform
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard
@@ -26,14 +28,17 @@ from fxquant.runtime.kernels import hadamard as hadamard_kernels
 from fxquant.runtime.kernels.linear import KERNELS, REFERENCE, candidates
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.runtime.lowered import (
-    FastActivationQuant, FastAttentionTransform, FastHadamardQuant, FastOnlineHadamard, LinearPlan, LoweredLinear,
+    AbsorbedActivationQuant, FastActivationQuant, FastAttentionTransform, FastHadamardQuant, FastOnlineHadamard,
+    LinearPlan, LoweredLinear, portable_hooks,
 )
 from fxquant.weights import replace_module
 
 log = logging.getLogger("fxquant")
+LOWERED_HOOKS = (FastOnlineHadamard, FastActivationQuant, FastHadamardQuant, AbsorbedActivationQuant)
 
 PREFILL_M = 256  # the token count the prefill kernel is chosen at
-RULE_DECODE_M = 16  # without measuring: the decode kernel up to this many tokens, the reference above
+RULE_DECODE_M = 16  # plan="rule": the decode kernel up to this many tokens, the reference above
+PLANS = ("measure", "rule", "decode", "fast")
 _TIMINGS: dict[tuple, float] = {}  # (kernel, shape, format, dtype, M, threads) -> seconds, per process
 
 
@@ -68,22 +73,34 @@ def _model_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def lower(model: torch.nn.Module, device=None, *, tune: bool = True) -> torch.nn.Module:
+def lower(model: torch.nn.Module, device=None, *, plan: str = "measure") -> torch.nn.Module:
     """Put `model` (quantized by fxquant) on the fastest correct kernels for `device` (default: where
-    it is; it is moved there first), in place; returns the same object. `tune=False` skips the
-    timing and uses the rule (the first kernel that takes a layer for M <= RULE_DECODE_M tokens, the
-    exact reference above). Layers a recipe quantized but did not pack are packed first."""
+    it is; it is moved there first), in place; returns the same object. Layers a recipe quantized
+    but did not pack are packed first. `plan`: "measure" times the kernels on each layer's shape;
+    "rule" takes the first kernel that accepts a layer for M <= RULE_DECODE_M tokens and the exact
+    reference above, without timing; "decode" runs that kernel at every M (what `generate`'s decode
+    steps compute, e.g. to measure its perplexity on long windows); "fast" measures like "measure" but
+    also lets the bfloat16 kernels run layers with quantized activations (faster decode, a measured
+    perplexity cost at 4 bits)."""
+    if plan not in PLANS:
+        raise RecipeError(f"lower: plan={plan!r} is not one of {list(PLANS)}")
     if device is not None and torch.device(device) != _model_device(model):
         model.to(device)
     device = _model_device(model)
     pack_model(model)
     for path, module in list(model.named_modules()):
+        _portable_hooks(module)  # lowering again starts from the portable model
         if isinstance(module, QuantizedLinear):
             if isinstance(module, LoweredLinear):
                 module = _unlowered(module)
-            plan = _plan(module, device, tune)
-            replace_module(model, path, carry_state(module, LoweredLinear.lower(module, plan)))
-        _lower_hooks(module if not isinstance(module, QuantizedLinear) else model.get_submodule(path))
+            act = _input_quantizer(module)
+            chosen, absorbed = _plan(module, act, device, plan)
+            module = carry_state(module, LoweredLinear.lower(module, chosen, act if absorbed else None))
+            replace_module(model, path, module)
+            if absorbed:  # the layer's integer kernel quantizes its input: the hook stands aside
+                hooks = module._forward_pre_hooks
+                hooks[next(reversed(hooks))] = AbsorbedActivationQuant(act.bits, act.symmetric, act.clip_ratio)
+        _lower_hooks(module)
         transform = getattr(module, ATTR, None)
         if isinstance(transform, AttentionTransform):
             setattr(module, ATTR, FastAttentionTransform(**dataclasses.asdict(transform)))
@@ -99,6 +116,24 @@ def _unlowered(layer: LoweredLinear) -> QuantizedLinear:
         plain.register_buffer(name, getattr(layer, name))
     plain.bias = layer.bias
     return carry_state(layer, plain)
+
+
+def _portable_hooks(module: torch.nn.Module) -> None:
+    """Replace the module's lowered hooks by the portable ones they stand for, in order."""
+    hooks = module._forward_pre_hooks
+    if not any(isinstance(h, LOWERED_HOOKS) for h in hooks.values()):
+        return
+    items = [(key, hook) for key, hook in hooks.items()]
+    hooks.clear()
+    for key, hook in items:
+        for i, plain in enumerate(portable_hooks(hook)):
+            hooks[key if i == 0 else RemovableHandle(hooks).id] = plain
+
+
+def _input_quantizer(layer: QuantizedLinear) -> ActivationFakeQuant | None:
+    """The activation quantizer that runs last on the layer's input, which a kernel may take over."""
+    last = next(reversed(layer._forward_pre_hooks.values()), None) if layer._forward_pre_hooks else None
+    return last if type(last) is ActivationFakeQuant else None
 
 
 def _lower_hooks(module: torch.nn.Module) -> None:
@@ -119,33 +154,44 @@ def _lower_hooks(module: torch.nn.Module) -> None:
             hooks[key] = FastActivationQuant(hook.bits, hook.symmetric, hook.clip_ratio)
 
 
-def _plan(layer: QuantizedLinear, device: torch.device, tune: bool) -> LinearPlan:
-    """Decide which kernels run `layer`: measured on its shape, or by the rule."""
-    usable, refused = candidates(layer, device)
+def _plan(layer: QuantizedLinear, act, device: torch.device, how: str) -> tuple[LinearPlan, bool]:
+    """Decide which kernels run `layer` (measured on its shape, or by the rule), and whether its
+    kernel takes over the activation quantizer `act`. A layer with quantized activations keeps to
+    the exact kernels (integer product) where one takes it: bf16 rounding before a later 4-bit
+    quantizer flips codes, which moves perplexity (docs/BENCHMARKS.md); plan="fast" allows them."""
+    probe = LoweredLinear.lower(layer, LinearPlan(REFERENCE.name, REFERENCE.name, 0), act)
+    usable, refused = candidates(probe, device)
+    exact_fast = [k for k in usable if k.exact and k is not REFERENCE]
+    if act is not None and exact_fast and how != "fast":
+        usable = [REFERENCE, *exact_fast]
     fast = [k for k in usable if k is not REFERENCE]
+    absorbed = any(k.quantizes_input for k in fast)
     why_not = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
     if not fast:
-        return LinearPlan(REFERENCE.name, REFERENCE.name, 0, f"no kernel takes it ({why_not})")
-    if not tune:
-        return LinearPlan(fast[0].name, REFERENCE.name, RULE_DECODE_M, "rule")
-    decode = min(usable, key=lambda k: _time(k, layer, 1))
-    prefill = min(usable, key=lambda k: _time(k, layer, PREFILL_M))
+        return LinearPlan(REFERENCE.name, REFERENCE.name, 0, f"no kernel takes it ({why_not})"), False
+    if how == "rule":
+        return LinearPlan(fast[0].name, REFERENCE.name, RULE_DECODE_M, "rule"), absorbed
+    if how == "decode":
+        return LinearPlan(fast[0].name, fast[0].name, 2 ** 62, "decode kernel at every M"), absorbed
+    probe = LoweredLinear.lower(layer, LinearPlan(REFERENCE.name, REFERENCE.name, 0), act if absorbed else None)
+    decode = min(usable, key=lambda k: _time(k, probe, 1))
+    prefill = min(usable, key=lambda k: _time(k, probe, PREFILL_M))
     if decode is prefill:
-        return LinearPlan(decode.name, prefill.name, PREFILL_M, "measured")
+        return LinearPlan(decode.name, prefill.name, PREFILL_M, "measured"), absorbed
     lo, hi = 1, PREFILL_M  # decode wins at lo, prefill at hi: bisect the crossover over powers of two
     while hi > 2 * lo:
         mid = int((lo * hi) ** 0.5)
-        lo, hi = (mid, hi) if _time(decode, layer, mid) <= _time(prefill, layer, mid) else (lo, mid)
-    return LinearPlan(decode.name, prefill.name, lo, "measured")
+        lo, hi = (mid, hi) if _time(decode, probe, mid) <= _time(prefill, probe, mid) else (lo, mid)
+    return LinearPlan(decode.name, prefill.name, lo, "measured"), absorbed
 
 
 def _time(kernel, layer: QuantizedLinear, m: int) -> float:
     """Seconds of one call of `kernel` on `layer`'s shape with M = m tokens (cached): the fastest of
     a few runs, which another process's load can only slow down."""
     key = (kernel.name, layer.in_features, layer.out_features, layer.fmt, layer.scale.dtype, layer.transposed,
-           layer.bias is not None, layer.codes.device.type, m, torch.get_num_threads())
+           layer.bias is not None, layer.act, layer.codes.device.type, m, torch.get_num_threads())
     if key not in _TIMINGS:
-        trial = LoweredLinear.lower(layer, LinearPlan(kernel.name, kernel.name, m))
+        trial = LoweredLinear.lower(layer, LinearPlan(kernel.name, kernel.name, m), layer.act)
         x = torch.randn(m, layer.in_features, dtype=layer.scale.dtype, device=layer.codes.device)
         runs = []
         with torch.inference_mode():
@@ -169,7 +215,8 @@ def lowering_report(model: torch.nn.Module) -> LoweringReport:
             kernel = KERNELS[plan.decode].what
             if plan.prefill != plan.decode:
                 kernel += f" for M <= {plan.max_decode_m}, {KERNELS[plan.prefill].what} above"
-            entries.append(Lowered(path, f"{module.describe()} linear", kernel, plan.why))
+            what = f"{module.describe()} linear" + (f", int{module.act.bits} activations inside" if module.act else "")
+            entries.append(Lowered(path, what, kernel, plan.why))
         elif isinstance(module, QuantizedLinear):
             entries.append(Lowered(path, f"{module.describe()} linear", REFERENCE.what, "not lowered: call fxquant.lower"))
         elif isinstance(module, torch.nn.Linear):
@@ -188,6 +235,8 @@ def lowering_report(model: torch.nn.Module) -> LoweringReport:
 def _hook_entries(path: str, module: torch.nn.Module) -> list[Lowered]:
     out = []
     for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, AbsorbedActivationQuant):
+            continue  # the layer's own entry says its kernel quantizes its input
         if isinstance(hook, FastHadamardQuant):
             out.append(Lowered(path, f"online Hadamard + int{hook.bits} quantizer", "fused fxquant::fast_hadamard_fake_quant"))
         elif isinstance(hook, FastOnlineHadamard):

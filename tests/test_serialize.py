@@ -279,3 +279,32 @@ def test_a_directory_saved_before_the_house_move_loads_with_the_same_logits():
     model = load(data / "saved_llama_quarot_w4a8_v0")
     with torch.no_grad():
         assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+
+
+@pytest.mark.parametrize("no_lower", [False, True])
+def test_cli_generate_lowers_a_saved_model_streams_and_prints_speed(tmp_path, capsys, no_lower):
+    from fxquant.cli import main
+
+    model = tiny_model("llama")
+    quantize(model, {"preset": "w4a16", "group_size": 32})
+    _tiny_tokenizer().save_pretrained(save(model, tmp_path / "q"))
+    argv = ["generate", "--model", str(tmp_path / "q"), "--prompt", "the cat", "--max-new-tokens", "3",
+            "--ignore-eos"]
+    assert main(argv + (["--no-lower"] if no_lower else [])) == 0
+    out = capsys.readouterr().out
+    assert ("lowered in" in out) is not no_lower
+    assert "int4 tinygemm" in out or no_lower
+    assert "prefill: 2 tokens in" in out and "decode: 2 tokens at" in out
+
+
+def test_cli_eval_lowers_by_default_and_no_lower_skips_it(tmp_path, capsys, monkeypatch):
+    from fxquant import cli
+
+    model = tiny_model("llama")
+    quantize(model, {"preset": "w4a16", "group_size": 32})
+    _tiny_tokenizer().save_pretrained(save(model, tmp_path / "q"))
+    monkeypatch.setattr("fxquant.eval.default_tokens", lambda tok: torch.randint(0, 6, (4000,)))
+    for flags, lowered in (([], True), (["--no-lower"], False)):
+        assert cli.main(["eval", "--model", str(tmp_path / "q"), "--windows", "1", "--seq-len", "64", *flags]) == 0
+        out = capsys.readouterr().out
+        assert ("lowered in" in out) is lowered and "perplexity:" in out

@@ -2,7 +2,8 @@
 
 Entry points: `LoweredLinear` (a `QuantizedLinear` that dispatches on the token count M between a
 decode kernel and a prefill kernel), `FastOnlineHadamard`, `FastActivationQuant`,
-`FastHadamardQuant` (R4 and the activation quantizer fused) and `FastAttentionTransform`. The one
+`FastHadamardQuant` (R4 and the activation quantizer fused), `AbsorbedActivationQuant` (a quantizer
+the layer's integer kernel runs itself) and `FastAttentionTransform`. The one
 idea: every lowered object is a subclass of the portable one it replaces and keeps its state, so
 `hooks_of`, `save` and a re-capture see what they always saw; a saved lowered model is the packed
 model (a model lowered on CPU loads and lowers on GPU). Kernel layouts are non-persistent buffers.
@@ -37,10 +38,12 @@ class LoweredLinear(QuantizedLinear):
     reference reads), each planned kernel's layout is added once as non-persistent buffers."""
 
     @classmethod
-    def lower(cls, layer: QuantizedLinear, plan: LinearPlan) -> LoweredLinear:
-        """The lowered twin of `layer`, sharing its buffers, with the plan's kernel layouts built."""
+    def lower(cls, layer: QuantizedLinear, plan: LinearPlan, act: ActivationFakeQuant | None = None) -> LoweredLinear:
+        """The lowered twin of `layer`, sharing its buffers, with the plan's kernel layouts built;
+        `act`: the activation quantizer on its input that it takes over (the hook then stands aside)."""
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
+        new.act = act
         new.in_features, new.out_features, new.fmt, new.transposed = (
             layer.in_features, layer.out_features, layer.fmt, layer.transposed)
         for name in ("codes", "scale", "zero"):
@@ -56,13 +59,16 @@ class LoweredLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // self.in_features
-        name = self.plan.decode if m <= self.plan.max_decode_m else self.plan.prefill
-        return KERNELS[name].run(self, x)
+        kernel = KERNELS[self.plan.decode if m <= self.plan.max_decode_m else self.plan.prefill]
+        if self.act is not None and not kernel.quantizes_input:
+            x = fast_fake_quant(x, self.act.bits, self.act.symmetric, self.act.clip_ratio)
+        return kernel.run(self, x)
 
     def extra_repr(self) -> str:
         plan = self.plan
+        act = f", int{self.act.bits} activations quantized inside" if self.act is not None else ""
         return (f"{super().extra_repr()}, decode={plan.decode} (M <= {plan.max_decode_m}), "
-                f"prefill={plan.prefill}")
+                f"prefill={plan.prefill}{act}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,15 @@ class FastActivationQuant(ActivationFakeQuant):
         if not _floating_input(args):
             return None
         return (fast_fake_quant(args[0], self.bits, self.symmetric, self.clip_ratio), *args[1:])
+
+
+@dataclass(frozen=True)
+class AbsorbedActivationQuant(ActivationFakeQuant):
+    """The activation quantizer of a layer whose kernel quantizes its input itself (the exact
+    integer product): the hook stands aside, and still saves as the quantizer it is."""
+
+    def __call__(self, module, args):
+        return None
 
 
 @dataclass(frozen=True)

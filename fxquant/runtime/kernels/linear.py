@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from fxquant.runtime.kernels import int4, int8
+from fxquant.runtime.kernels import int4, int8, integer
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,11 @@ class LinearKernel:
     name: str
     device: str  # the device type it runs on ("cpu", "cuda"); "any" for the reference
     what: str  # the kernel in words, for the lowering report
-    exact: bool  # bit-identical to the reference
+    exact: bool  # the reference's product (bit-identical), or the exact integer product of the codes
     refusal: Callable[[torch.nn.Module], str | None]
     prepare: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
     run: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+    quantizes_input: bool = False  # runs the layer's absorbed activation quantizer itself
 
 
 def _reference(layer, x):
@@ -42,6 +43,16 @@ def _tinygemm(layer, x):
 
 def _int8(layer, x):
     return torch.ops.fxquant.int8_weight_mm(x, layer.int8_weight_weight, layer.int8_weight_scales, layer.bias)
+
+
+def _int_mm(layer, x):
+    return torch.ops.fxquant.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.bias,
+                                           layer.act.bits, layer.act.clip_ratio)
+
+
+def _float_codes(layer, x):
+    return torch.ops.fxquant.float_codes_linear(x, layer.float_codes_codes, layer.float_codes_scale, layer.bias,
+                                                layer.act.bits, layer.act.clip_ratio)
 
 
 def _triton_int4_refusal(layer) -> str | None:
@@ -79,6 +90,10 @@ LINEAR_KERNELS = (
                  False, int4.tinygemm_refusal, int4.to_tinygemm, _tinygemm),
     LinearKernel("int8_weight", "cpu", "int8 weights (aten._weight_int8pack_mm, bf16 activations)",
                  False, int8.int8_refusal, int8.to_int8pack, _int8),
+    LinearKernel("int_mm", "cpu", "exact integer product (torch._int_mm, int8 x int8 -> int32)", True,
+                 integer.integer_refusal, integer.to_int_mm, _int_mm, quantizes_input=True),
+    LinearKernel("float_codes", "any", "exact integer product (float32 GEMM of the codes)", True,
+                 integer.float_codes_refusal, integer.to_float_codes, _float_codes, quantizes_input=True),
     LinearKernel("triton_int4", "cuda", "Triton int4 GEMV (M <= 16) / GEMM", False,
                  _triton_int4_refusal, _triton_int4_prepare, _triton_int4),
 )

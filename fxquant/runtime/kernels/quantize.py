@@ -29,19 +29,28 @@ def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if dtype in (torch.float32, torch.float64) else t.to(dtype).float()
 
 
-def row_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
-    """x_hat per row of the last dim: the CPU kernel, bit-identical to `reference`."""
+def row_codes(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> tuple:
+    """(codes, scale, zero) per row of the last dim, in float32 (zero None when symmetric): the
+    reference's arithmetic in its order, so x_hat = (codes - zero) * scale is bit-identical to it."""
     f = x.float()
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = _stored((f.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax).clamp_min(EPS), x.dtype)
-        return torch.round(f / scale).clamp_(-qmax - 1, qmax).mul_(scale).to(x.dtype)
+        return torch.round(f / scale).clamp_(-qmax - 1, qmax), scale, None
     levels = 2 ** bits - 1
     lo = f.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
     hi = f.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
     scale = _stored(((hi - lo) / levels).clamp_min(EPS), x.dtype)
     zero = (0 - torch.round(lo / scale)).clamp(0, levels)
-    return torch.round(f / scale).add_(zero).clamp_(0, levels).sub_(zero).mul_(scale).to(x.dtype)
+    return torch.round(f / scale).add_(zero).clamp_(0, levels), scale, zero
+
+
+def row_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+    """x_hat per row of the last dim: the CPU kernel, bit-identical to `reference`."""
+    codes, scale, zero = row_codes(x, bits, symmetric, clip_ratio)
+    if zero is not None:
+        codes = codes.sub_(zero)
+    return codes.mul_(scale).to(x.dtype)
 
 
 def _triton(name: str):

@@ -1,0 +1,61 @@
+"""Perplexity of every preset before and after `fxquant.lower`: the kernels' numerics, measured.
+
+Usage: python bench/lowering.py [--n-eval 24] [--calibration 4] [--presets a,b,...] [--json out.json]
+
+For each preset on SmolLM2 (group_size 64 where the preset groups: 576 = 9 * 64): the packed model
+(reference ops), the model lowered with plan="measure" (the kernels a 512-token window runs on
+this machine) and with plan="decode" (the decode kernels, bfloat16 activations, at every M: what
+`generate` computes token by token). The acceptance bound is 0.2% of the packed perplexity.
+Calibrated presets get `--calibration` windows (their codes, not their quality, are under test).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+from fxquant.api import apply_recipe
+from fxquant.eval import EvalSplit, calibration_windows, default_tokens, eval_windows, perplexity
+from fxquant.lowering import lower
+from fxquant.models import load_model
+from fxquant.recipes import PRESETS, load_recipe
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--n-eval", type=int, default=24)
+    p.add_argument("--calibration", type=int, default=4)
+    p.add_argument("--presets", default=",".join(sorted(PRESETS)))
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    base, tokenizer = load_model(args.model)
+    tokens = default_tokens(tokenizer)
+    windows = eval_windows(tokens, EvalSplit(n_eval=args.n_eval))
+    calibration = [w[None] for w in calibration_windows(tokens, args.calibration)]
+    rows, worst = [], 0.0
+    print(f"{'preset':24s} {'packed':>9s} {'measure':>9s} {'change':>8s} {'decode':>9s} {'change':>8s}")
+    for name in args.presets.split(","):
+        grouped = any(getattr(c, "group_size", None) for _, c in load_recipe(name).steps)
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        apply_recipe(model, {"preset": name, **({"group_size": 64} if grouped else {})}, calibration=calibration)
+        row = {"preset": name, "packed": perplexity(model, windows, progress=False)}
+        for plan in ("measure", "decode"):
+            lowered = lower(copy.deepcopy(model), plan=plan)
+            row[plan] = perplexity(lowered, windows, progress=False)
+            del lowered
+        changes = [100 * (row[k] / row["packed"] - 1) for k in ("measure", "decode")]
+        worst = max(worst, *map(abs, changes))
+        print(f"{name:24s} {row['packed']:9.4f} {row['measure']:9.4f} {changes[0]:+7.3f}% {row['decode']:9.4f} "
+              f"{changes[1]:+7.3f}%  ({time.perf_counter() - start:.0f} s)", flush=True)
+        rows.append(row)
+    print(f"\nlargest change: {worst:.3f}% (bound 0.2%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Integer linears for quantized activations (W8A8, W4A8, W4A4): the exact integer product.
+
+Where a layer's input passes an activation quantizer (symmetric, per token) and its weight is
+symmetric per output channel, y = (q_x s_x)(q_w s_w)^T + b = (q_x q_w^T) s_x s_w + b: the
+quantizer's codes (bit-identical to `fxquant::fake_quant`'s, fxquant.runtime.kernels.quantize)
+times the weight codes is an integer matrix, computed exactly, then scaled once in float32.
+Two kernels compute it, and agree bit for bit: `torch._int_mm` (int8 x int8 -> int32; fast with
+VNNI / AMX, a reference loop without; it needs M > 16, so small M is zero-padded to 17), and a
+float32 GEMM on the codes, exact while every partial sum stays below 2^24 (int4 x int4: K < 2^18;
+int8 x int8 codes reach 2^14 per product, so K * 2^14 < 2^24 only for K < 1024 in the worst case:
+it refuses wider int8 layers). Against the float reference they differ only by its float32 rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxquant.runtime.kernels.quantize import row_codes
+
+INT_MM_MIN_M = 17  # torch._int_mm needs M > 16
+FLOAT_EXACT = 2 ** 24  # float32 holds every integer up to this
+
+
+def integer_refusal(layer) -> str | None:
+    """Why no integer kernel can run `layer` (a LoweredLinear candidate), or None when one can."""
+    act = getattr(layer, "act", None)
+    if act is None:
+        return "its input is not quantized (no activation quantizer to take over)"
+    if not act.symmetric:
+        return "asymmetric activations (the integer kernels take symmetric per-token codes)"
+    fmt = layer.fmt
+    if not fmt.symmetric or fmt.group_size is not None:
+        return f"{fmt.describe()} weights (the integer kernels take symmetric per-channel weights)"
+    if layer.transposed:
+        return "a Conv1D layer (transposed product)"
+    return None
+
+
+def float_codes_refusal(layer) -> str | None:
+    """`integer_refusal`, plus the bound that keeps a float32 GEMM of the codes exact."""
+    reason = integer_refusal(layer)
+    if reason is not None:
+        return reason
+    bound = 2 ** (layer.act.bits - 1) * 2 ** (layer.fmt.bits - 1) * layer.in_features
+    if bound >= FLOAT_EXACT:
+        return (f"|codes| up to 2^{layer.act.bits - 1} x 2^{layer.fmt.bits - 1} over {layer.in_features} inputs can "
+                "pass 2^24, where float32 stops being exact")
+    return None
+
+
+def signed_codes(layer) -> torch.Tensor:
+    """The weight's signed codes [out, in] as int8 (stored unsigned, code - qmin)."""
+    from fxquant.quant.packed import unpack_int4
+
+    codes = unpack_int4(layer.codes)[:, :layer.in_features] if layer.fmt.bits <= 4 else layer.codes
+    return (codes.to(torch.int16) + layer.fmt.qrange[0]).to(torch.int8)
+
+
+def to_int_mm(layer) -> dict[str, torch.Tensor]:
+    """int8 codes [in, out] (the layout torch._int_mm reads) and float32 scales [out]."""
+    return {"codes_t": signed_codes(layer).t().contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
+
+
+def to_float_codes(layer) -> dict[str, torch.Tensor]:
+    """float32 codes [out, in] and float32 scales [out]."""
+    return {"codes": signed_codes(layer).float().contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
+
+
+def _epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias, x: torch.Tensor):
+    """y = acc s_x s_w (+ b), in x's dtype and shape."""
+    y = acc.float().mul_(x_scale).mul_(w_scale)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.to(x.dtype).view(*x.shape[:-1], w_scale.shape[0])
+
+
+@torch.library.custom_op("fxquant::int_mm_linear", mutates_args=())
+def int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  bits: int, clip_ratio: float) -> torch.Tensor:
+    """Quantize x per token (`bits`, symmetric), then (q_x q_w^T) s_x s_w + b through torch._int_mm."""
+    q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), bits, True, clip_ratio)
+    m = q.shape[0]
+    q8 = q.to(torch.int8)
+    if m < INT_MM_MIN_M:
+        q8 = torch.nn.functional.pad(q8, (0, 0, 0, INT_MM_MIN_M - m))
+    acc = torch._int_mm(q8, codes_t)[:m]
+    return _epilogue(acc, x_scale, scale, bias, x)
+
+
+@int_mm_linear.register_fake
+def _int_mm_linear_fake(x, codes_t, scale, bias, bits, clip_ratio):
+    return x.new_empty(*x.shape[:-1], codes_t.shape[1])
+
+
+@torch.library.custom_op("fxquant::float_codes_linear", mutates_args=())
+def float_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       bits: int, clip_ratio: float) -> torch.Tensor:
+    """Quantize x per token, then the integer product as an exact float32 GEMM of the codes."""
+    q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), bits, True, clip_ratio)
+    return _epilogue(q @ codes.t(), x_scale, scale, bias, x)
+
+
+@float_codes_linear.register_fake
+def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
