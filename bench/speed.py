@@ -4,7 +4,8 @@ Usage: python bench/speed.py [--model smollm2] [--presets w4a16:64,w8a8,quarot-w
                              [--prompt 512] [--new 32] [--repeats 3] [--plans measure,fast]
                              [--compile] [--json out.json]
 
-In one process, one model at a time: float32, bfloat16, and for each preset (NAME or NAME:GROUP)
+In one process, one model at a time: float32, bfloat16, and for each preset (NAME, NAME:GROUP,
+NAME+lm_head: the output layer quantized too)
 the packed model and the same model lowered. Prefill = one forward of `--prompt` tokens (median of
 `--repeats`); decode = greedy `generate` at batch 1, (t(new + 1 tokens) - t(1 token)) / new, the
 same prompt (median). `--compile` adds each model under `torch.compile` (inductor). Ratios are
@@ -24,6 +25,7 @@ import torch
 from fxquant.api import quantize
 from fxquant.lowering import lower, lowering_report
 from fxquant.models import load_model
+from fxquant.recipes import load_recipe
 
 
 def _time(fn, repeats: int) -> float:
@@ -48,8 +50,21 @@ def measure(model, ids: torch.Tensor, new: int, repeats: int) -> dict:
 
 
 def _preset(spec: str) -> tuple[str, dict]:
-    name, _, group = spec.partition(":")
-    return spec, ({"preset": name, "group_size": int(group)} if group else {"preset": name})
+    """NAME[:GROUP][+lm_head] -> (label, recipe): `+lm_head` adds quantize_lm_head right after the
+    weight quantizer, with its fields (the output layer in the same format)."""
+    base, plus, extra = spec.partition("+")
+    name, _, group = base.partition(":")
+    recipe = load_recipe(name).to_dict()
+    if plus:
+        if extra != "lm_head":
+            raise SystemExit(f"unknown suffix +{extra} in {spec!r} (known: +lm_head)")
+        at = next(i for i, step in enumerate(recipe["passes"]) if step["pass"] in ("quantize_weights", "gptq"))
+        fields = {k: v for k, v in recipe["passes"][at].items() if k in ("bits", "symmetric", "group_size",
+                                                                           "clip_ratio", "clip_search", "zero_point")}
+        recipe["passes"].insert(at + 1, {"pass": "quantize_lm_head", **fields})
+    if group:
+        recipe["group_size"] = int(group)
+    return spec, recipe
 
 
 def main(argv=None) -> None:

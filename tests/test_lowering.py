@@ -176,3 +176,19 @@ def test_the_fast_plan_puts_4_bit_activation_layers_on_the_bf16_kernels_at_a_mea
             assert module.plan.why == "measured"
     out = _logits(model, ids)
     assert (out - ref).norm() <= 0.25 * ref.norm()  # flips of ~1% of the 4-bit codes: ~sqrt(1%) of the logits
+
+
+def test_a_lowered_model_runs_under_torch_compile_with_its_kernels_as_graph_nodes():
+    model = _quantized("llama", "quarot-w4a4kv4")
+    lower(model, plan="rule")
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(model, backend=backend)
+    torch.testing.assert_close(_logits(compiled, ids), _logits(model, ids))
+    targets = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert {torch.ops.fxquant.int_mm_linear.default, torch.ops.fxquant.fast_hadamard.default} <= targets

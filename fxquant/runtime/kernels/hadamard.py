@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from fxquant.runtime.kernels.define import define
 from fxquant.hadamard import _require, _sylvester, hadamard_transform
 from fxquant.hadamard_constructions import base_hadamard
 
@@ -56,17 +57,17 @@ def _triton_hadamard():
     return getattr(triton_hadamard, "hadamard", None)
 
 
-@torch.library.custom_op("fxquant::fast_hadamard", mutates_args=())
-def fast_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """y = x @ H^T / sqrt(n) over the last dim, laid out like x: the kernel for x's device."""
+def _fast_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """y = x @ H^T / sqrt(n) over the last dim: the kernel for x's device (a new tensor)."""
     kernel = _triton_hadamard() if x.is_cuda else None
-    y = kernel(x) if kernel is not None else kronecker_hadamard(x)
-    return torch.empty_like(x).copy_(y)
+    return kernel(x) if kernel is not None else kronecker_hadamard(x)
 
 
-@fast_hadamard.register_fake
 def _fast_hadamard_fake(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+fast_hadamard = define("fxquant::fast_hadamard", _fast_hadamard, _fast_hadamard_fake)
 
 
 def kernel_name(device: torch.device) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.quant.packed import unpack_int4
+from fxquant.runtime.kernels.define import define
 
 GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm's CPU kernel takes
 INNER_K_TILES = 2  # tinygemm's packing parameter for the CPU layout
@@ -69,8 +70,7 @@ def to_tinygemm(layer) -> dict[str, torch.Tensor]:
             "scale_zeros": pairs.to(torch.bfloat16).contiguous()}
 
 
-@torch.library.custom_op("fxquant::int4_tinygemm", mutates_args=())
-def int4_tinygemm(x: torch.Tensor, weight: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
+def _int4_tinygemm(x: torch.Tensor, weight: torch.Tensor, scale_zeros: torch.Tensor, group_size: int,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + b through tinygemm's CPU kernel (bfloat16 activations), returned in x's dtype."""
     flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -80,6 +80,8 @@ def int4_tinygemm(x: torch.Tensor, weight: torch.Tensor, scale_zeros: torch.Tens
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-@int4_tinygemm.register_fake
 def _int4_tinygemm_fake(x, weight, scale_zeros, group_size, bias):
     return x.new_empty(*x.shape[:-1], scale_zeros.shape[1])
+
+
+int4_tinygemm = define("fxquant::int4_tinygemm", _int4_tinygemm, _int4_tinygemm_fake)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from fxquant.runtime.kernels.define import define
+
 K_MULTIPLE = 16
 
 
@@ -35,8 +37,7 @@ def to_int8pack(layer) -> dict[str, torch.Tensor]:
     return {"weight": codes.contiguous(), "scales": layer.scale[:, 0].to(torch.bfloat16).contiguous()}
 
 
-@torch.library.custom_op("fxquant::int8_weight_mm", mutates_args=())
-def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x (W_q s)^T + b through the CPU int8-weight kernel (bfloat16 activations), in x's dtype."""
     flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     if weight.shape[1] != flat.shape[1]:
@@ -47,6 +48,8 @@ def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-@int8_weight_mm.register_fake
 def _int8_weight_mm_fake(x, weight, scales, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+int8_weight_mm = define("fxquant::int8_weight_mm", _int8_weight_mm, _int8_weight_mm_fake)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fxquant.runtime.kernels.define import define
 from fxquant.runtime.kernels.quantize import row_codes
 
 INT_MM_MIN_M = 17  # torch._int_mm needs M > 16
@@ -60,6 +61,11 @@ def to_int_mm(layer) -> dict[str, torch.Tensor]:
     return {"codes_t": signed_codes(layer).t().contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
 
 
+def to_float_codes_int8(layer) -> dict[str, torch.Tensor]:
+    """int8 codes [out, in] and float32 scales [out] (the Triton int8 GEMM's layout)."""
+    return {"codes": signed_codes(layer).contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
+
+
 def to_float_codes(layer) -> dict[str, torch.Tensor]:
     """float32 codes [out, in] and float32 scales [out]."""
     return {"codes": signed_codes(layer).float().contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
@@ -73,8 +79,7 @@ def _epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, b
     return y.to(x.dtype).view(*x.shape[:-1], w_scale.shape[0])
 
 
-@torch.library.custom_op("fxquant::int_mm_linear", mutates_args=())
-def int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+def _int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                   bits: int, clip_ratio: float) -> torch.Tensor:
     """Quantize x per token (`bits`, symmetric), then (q_x q_w^T) s_x s_w + b through torch._int_mm."""
     q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), bits, True, clip_ratio)
@@ -86,19 +91,20 @@ def int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, b
     return _epilogue(acc, x_scale, scale, bias, x)
 
 
-@int_mm_linear.register_fake
 def _int_mm_linear_fake(x, codes_t, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes_t.shape[1])
 
 
-@torch.library.custom_op("fxquant::float_codes_linear", mutates_args=())
-def float_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+def _float_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                        bits: int, clip_ratio: float) -> torch.Tensor:
     """Quantize x per token, then the integer product as an exact float32 GEMM of the codes."""
     q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), bits, True, clip_ratio)
     return _epilogue(q @ codes.t(), x_scale, scale, bias, x)
 
 
-@float_codes_linear.register_fake
 def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+int_mm_linear = define("fxquant::int_mm_linear", _int_mm_linear, _int_mm_linear_fake)
+float_codes_linear = define("fxquant::float_codes_linear", _float_codes_linear, _float_codes_linear_fake)

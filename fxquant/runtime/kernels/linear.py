@@ -37,22 +37,44 @@ def _reference(layer, x):
 
 
 def _tinygemm(layer, x):
-    return torch.ops.fxquant.int4_tinygemm(x, layer.int4_tinygemm_weight, layer.int4_tinygemm_scale_zeros,
+    return int4.int4_tinygemm(x, layer.int4_tinygemm_weight, layer.int4_tinygemm_scale_zeros,
                                            int4.tinygemm_group(layer), layer.bias)
 
 
 def _int8(layer, x):
-    return torch.ops.fxquant.int8_weight_mm(x, layer.int8_weight_weight, layer.int8_weight_scales, layer.bias)
+    return int8.int8_weight_mm(x, layer.int8_weight_weight, layer.int8_weight_scales, layer.bias)
 
 
 def _int_mm(layer, x):
-    return torch.ops.fxquant.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.bias,
+    return integer.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.bias,
                                            layer.act.bits, layer.act.clip_ratio)
 
 
 def _float_codes(layer, x):
-    return torch.ops.fxquant.float_codes_linear(x, layer.float_codes_codes, layer.float_codes_scale, layer.bias,
+    return integer.float_codes_linear(x, layer.float_codes_codes, layer.float_codes_scale, layer.bias,
                                                 layer.act.bits, layer.act.clip_ratio)
+
+
+def _triton_int8_refusal(layer) -> str | None:
+    reason = integer.integer_refusal(layer)
+    if reason is not None:
+        return reason
+    try:
+        from fxquant.runtime.kernels.triton import int8 as triton_int8  # noqa: F401
+    except ImportError as exc:
+        return f"triton does not import ({exc})"
+    return None
+
+
+def _triton_int8(layer, x):
+    """The quantizer's codes (fxquant's numerics, torch ops) into the Triton int8 GEMM: exact sums."""
+    from fxquant.runtime.kernels.quantize import row_codes
+    from fxquant.runtime.kernels.triton import int8 as triton_int8
+
+    q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), layer.act.bits, True, layer.act.clip_ratio)
+    y = triton_int8.int8_linear(q.to(torch.int8), x_scale, layer.triton_int8_codes, layer.triton_int8_scale,
+                                layer.bias, x.dtype)
+    return y.view(*x.shape[:-1], layer.out_features)
 
 
 def _triton_int4_refusal(layer) -> str | None:
@@ -94,6 +116,8 @@ LINEAR_KERNELS = (
                  integer.integer_refusal, integer.to_int_mm, _int_mm, quantizes_input=True),
     LinearKernel("float_codes", "any", "exact integer product (float32 GEMM of the codes)", True,
                  integer.float_codes_refusal, integer.to_float_codes, _float_codes, quantizes_input=True),
+    LinearKernel("triton_int8", "cuda", "exact integer product (Triton int8 GEMM, int32 sums)", True,
+                 _triton_int8_refusal, integer.to_float_codes_int8, _triton_int8, quantizes_input=True),
     LinearKernel("triton_int4", "cuda", "Triton int4 GEMV (M <= 16) / GEMM", False,
                  _triton_int4_refusal, _triton_int4_prepare, _triton_int4),
 )

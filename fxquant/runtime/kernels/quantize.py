@@ -16,6 +16,7 @@ import torch
 
 from fxquant.quant.format import QuantFormat
 from fxquant.quant.numerics import EPS, fake_quantize
+from fxquant.runtime.kernels.define import define
 from fxquant.runtime.kernels.hadamard import kronecker_hadamard
 
 
@@ -62,33 +63,27 @@ def _triton(name: str):
     return getattr(triton_hadamard, name, None)
 
 
-@torch.library.custom_op("fxquant::fast_fake_quant", mutates_args=())
-def fast_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
-    """x_hat per row of the last dim (per token, per (token, head)), laid out like x."""
+def _fast_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+    """x_hat per row of the last dim (per token, per (token, head)), a new contiguous tensor."""
     kernel = _triton("fake_quant") if x.is_cuda else None
     y = kernel(x, bits, symmetric, clip_ratio) if kernel is not None else row_fake_quant(x, bits, symmetric, clip_ratio)
-    return torch.empty_like(x).copy_(y)
+    return y.contiguous()
 
 
-@fast_fake_quant.register_fake
-def _fast_fake_quant_fake(x, bits, symmetric, clip_ratio=1.0):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fxquant::fast_hadamard_fake_quant", mutates_args=())
-def fast_hadamard_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+def _fast_hadamard_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
     """fake_quant(hadamard(x)) per row in one call: the rotation R4 / R3 needs, then the quantizer."""
     kernel = _triton("hadamard_fake_quant") if x.is_cuda else None
     if kernel is not None:
-        y = kernel(x, bits, symmetric, clip_ratio)
-    else:
-        y = row_fake_quant(kronecker_hadamard(x), bits, symmetric, clip_ratio)
-    return torch.empty_like(x).copy_(y)
+        return kernel(x, bits, symmetric, clip_ratio).contiguous()
+    return row_fake_quant(kronecker_hadamard(x), bits, symmetric, clip_ratio)
 
 
-@fast_hadamard_fake_quant.register_fake
-def _fast_hadamard_fake_quant_fake(x, bits, symmetric, clip_ratio=1.0):
-    return torch.empty_like(x)
+def _rows_fake(x, bits, symmetric, clip_ratio=1.0):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+fast_fake_quant = define("fxquant::fast_fake_quant", _fast_fake_quant, _rows_fake)
+fast_hadamard_fake_quant = define("fxquant::fast_hadamard_fake_quant", _fast_hadamard_fake_quant, _rows_fake)
 
 
 def _backward(ctx, grad):
@@ -96,4 +91,4 @@ def _backward(ctx, grad):
     return grad, None, None, None
 
 
-fast_fake_quant.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
+fast_fake_quant.op.register_autograd(_backward, setup_context=lambda ctx, inputs, output: None)
