@@ -9,7 +9,9 @@ Per weight shape K x N (in x out) and token count M, one call y = x W^T of: floa
 dropped when one call at the smallest shape takes > 50 ms, as on CPUs without VNNI); on CUDA
 `aten._weight_int4pack_mm` (tinygemm); and each kernel of `LINEAR_KERNELS` that `candidates()`
 accepts on the device, for each `--formats` (w4: int4 symmetric per channel, w4g64: int4 asym
-float-zero group 64, w8: int8 symmetric per channel), on a layer with random weights. Per K with a
+float-zero group 64, w8: int8 symmetric per channel; w4a4, w8a8: the same weights behind a
+symmetric per-token activation quantizer, which the exact integer kernels take over and the others
+run first), on a layer with random weights. Per K with a
 Hadamard matrix, on [M, K]: `fxquant::hadamard` (the reference), `fxquant::fast_hadamard`, the fused
 `fxquant::fast_hadamard_fake_quant` (4-bit symmetric) and a copy of x.
 
@@ -42,6 +44,7 @@ from fxquant.quant.format import QuantFormat
 from fxquant.quant.numerics import qparams, quantize, quantized_weight
 from fxquant.runtime.kernels.linear import candidates
 from fxquant.runtime.kernels.ops import FAST_HADAMARD, FAST_HADAMARD_FAKE_QUANT
+from fxquant.runtime.hooks import ActivationFakeQuant
 from fxquant.runtime.linear import QuantizedLinear  # (registers fxquant::hadamard too)
 from fxquant.runtime.lowered import LinearPlan, LoweredLinear
 
@@ -51,7 +54,10 @@ SHAPES = {  # (K, N, what): in_features x out_features
     "large": [(4096, 4096, ""), (4096, 14336, ""), (14336, 4096, "")],
 }
 FORMATS = {"w4": QuantFormat(4, True, None, "int"), "w4g64": QuantFormat(4, False, 64, "float"),
-           "w8": QuantFormat(8, True, None, "int")}
+           "w8": QuantFormat(8, True, None, "int"), "w4a4": QuantFormat(4, True, None, "int"),
+           "w8a8": QuantFormat(8, True, None, "int")}
+ACTIVATIONS = {"w4a4": ActivationFakeQuant(4, True), "w8a8": ActivationFakeQuant(8, True)}  # quantized inputs:
+# the layer's kernel takes the per-token quantizer over (the exact integer kernels); others quantize first
 INT_MM_MIN_M = 17  # torch._int_mm needs M > 16
 INT_MM_MAX_PROBE_S = 0.05  # slower than this at the smallest shape: the scalar fallback, not worth timing
 MIN_MEASURE_S = 0.02  # each measurement runs enough calls to last this long
@@ -248,8 +254,9 @@ def linear_rows(bench: Bench, k: int, n: int, ms: list[int], formats: dict[str, 
     for fname, fmt in formats.items():
         start = time.perf_counter()
         layer = packed_layer(n, k, fmt).to(dev)
-        usable, refused = candidates(layer, dev)
-        lowered = {kernel.name: LoweredLinear.lower(layer, LinearPlan(kernel.name, kernel.name, 0, "bench"))
+        act = ACTIVATIONS.get(fname)
+        usable, refused = candidates(LoweredLinear.lower(layer, LinearPlan("reference", "reference", 0), act), dev)
+        lowered = {kernel.name: LoweredLinear.lower(layer, LinearPlan(kernel.name, kernel.name, 0, "bench"), act)
                    for kernel in usable}
         why_not = "; ".join(f"{kernel}: {why}" for kernel, why in refused.items())
         notes.append(f"{fname} = {fmt.describe()}: made and lowered in {time.perf_counter() - start:.1f} s"

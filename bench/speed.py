@@ -6,9 +6,9 @@ Usage: python bench/speed.py [--model smollm2] [--presets w4a16:64,w8a8,quarot-w
 
 In one process, one model at a time: float32, bfloat16, and for each preset (NAME, NAME:GROUP,
 NAME+lm_head: the output layer quantized too)
-the packed model and the same model lowered. Prefill = one forward of `--prompt` tokens (median of
+the packed model and the same model lowered. Prefill = one forward of `--prompt` tokens (fastest of
 `--repeats`); decode = greedy `generate` at batch 1, (t(new + 1 tokens) - t(1 token)) / new, the
-same prompt (median). `--compile` adds each model under `torch.compile` (inductor). Ratios are
+same prompt (fastest runs). `--compile` adds each model under `torch.compile` (inductor). Ratios are
 against float32 eager and bfloat16 eager of the same run, since the machines are noisy.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
 
 import torch
@@ -29,12 +28,13 @@ from fxquant.recipes import load_recipe
 
 
 def _time(fn, repeats: int) -> float:
+    """The fastest of `repeats` runs: other load on the machine only ever slows a run down."""
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+    return min(runs)
 
 
 def measure(model, ids: torch.Tensor, new: int, repeats: int) -> dict:

@@ -8,6 +8,7 @@ reads buffers `prepare` made once, in its own layout, named `<kernel>_<key>` on 
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,7 +61,7 @@ def _triton_int8_refusal(layer) -> str | None:
     if reason is not None:
         return reason
     try:
-        from fxquant.runtime.kernels.triton import int8 as triton_int8  # noqa: F401
+        importlib.import_module("fxquant.runtime.kernels.triton.int8")
     except ImportError as exc:
         return f"triton does not import ({exc})"
     return None
