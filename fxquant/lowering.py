@@ -109,13 +109,16 @@ def lower(model: torch.nn.Module, device=None, *, plan: str = "measure") -> torc
 
 
 def _unlowered(layer: LoweredLinear) -> QuantizedLinear:
-    """A lowered layer as the portable one again (lowering twice re-plans, e.g. on a new device)."""
-    plain = QuantizedLinear(layer.in_features, layer.out_features, layer.fmt, bias=layer.bias is not None,
-                            dtype=layer.scale.dtype, transposed=layer.transposed).to(layer.codes.device)
-    for name in ("codes", "scale", "zero"):
-        plain.register_buffer(name, getattr(layer, name))
+    """A lowered layer as the portable one again, its kernel layouts dropped (lowering twice
+    re-plans, e.g. on a new device)."""
+    plain = carry_state(layer, QuantizedLinear(layer.in_features, layer.out_features, layer.fmt,
+                                               bias=layer.bias is not None, dtype=layer.scale.dtype,
+                                               transposed=layer.transposed).to(layer.codes.device))
     plain.bias = layer.bias
-    return carry_state(layer, plain)
+    for kernel, keys in layer.kernel_buffers.items():
+        for key in keys:
+            delattr(plain, f"{kernel}_{key}")
+    return plain
 
 
 def _portable_hooks(module: torch.nn.Module) -> None:

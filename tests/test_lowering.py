@@ -119,10 +119,16 @@ def test_a_quantized_model_that_was_not_packed_is_packed_first():
 def test_lowering_twice_re_plans_and_computes_the_same():
     model = _quantized("llama", "quarot-w4a4kv4")
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    portable = set(model.state_dict())
     lower(model, plan="rule")
     once = _logits(model, ids)
+    lower(model, plan="decode")  # another plan: the first plan's kernel layouts must not linger
     lower(model, plan="rule")
     assert torch.equal(_logits(model, ids), once)
+    assert set(model.state_dict()) == portable  # kernel layouts never reach the state dict (or save)
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert {name for name, _ in layer.named_buffers()} == {"codes", "scale"} | {
+        f"{kernel}_{key}" for kernel, keys in layer.kernel_buffers.items() for key in keys}
 
 
 def test_measured_plans_pick_kernels_that_take_the_layer():

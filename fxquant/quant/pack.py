@@ -38,7 +38,8 @@ def _packable(module: torch.nn.Module) -> str | None:
 
 
 def carry_state(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
-    """Give `new` the hooks and the parameters/buffers `old` has beyond weight and bias."""
+    """Give `new` the hooks and the parameters/buffers `old` has beyond weight and bias (a buffer
+    kept out of the state dict stays out of it)."""
     for slot in _HOOK_SLOTS:
         if hasattr(old, slot):
             getattr(new, slot).update(getattr(old, slot))
@@ -46,7 +47,7 @@ def carry_state(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
         if name not in ("weight", "bias"):
             new.register_parameter(name, p)
     for name, b in old.named_buffers(recurse=False):
-        new.register_buffer(name, b)
+        new.register_buffer(name, b, persistent=name not in old._non_persistent_buffers_set)
     return new
 
 
