@@ -176,7 +176,7 @@ def _plan(layer: QuantizedLinear, act, device: torch.device, how: str) -> tuple[
         return LinearPlan(fast[0].name, REFERENCE.name, RULE_DECODE_M, "rule"), absorbed
     if how == "decode":
         return LinearPlan(fast[0].name, fast[0].name, 2 ** 62, "decode kernel at every M"), absorbed
-    probe = LoweredLinear.lower(layer, LinearPlan(REFERENCE.name, REFERENCE.name, 0), act if absorbed else None)
+    probe.act = act if absorbed else None  # time the kernels as they will run: with or without the quantizer
     decode = min(usable, key=lambda k: _time(k, probe, 1))
     prefill = min(usable, key=lambda k: _time(k, probe, PREFILL_M))
     if decode is prefill:

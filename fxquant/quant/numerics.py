@@ -30,7 +30,7 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n // g, g)
 
 
-def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """t rounded to the dtype scales and zeros are stored in (then computed with in float32), so a
     packed model holding them in that dtype dequantizes to exactly the fake-quant values."""
     return t if dtype is None or dtype in (torch.float32, torch.float64) else t.to(dtype).float()
@@ -54,16 +54,16 @@ def qparams(x: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0, *,
     levels = 2 ** fmt.bits - 1  # qmax - qmin
     if fmt.symmetric:
         amax = g.abs().amax(dim=-1, keepdim=True) * clip_ratio
-        return _stored((amax / fmt.qrange[1]).clamp_min(EPS), dtype), None
+        return stored((amax / fmt.qrange[1]).clamp_min(EPS), dtype), None
     if fmt.float_zero:
         lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
         centre = (lo + hi) / 2  # the range shrinks about its centre (it need not contain 0)
         lo, hi = centre + (lo - centre) * clip_ratio, centre + (hi - centre) * clip_ratio
-        scale = _stored(((hi - lo) / levels).clamp_min(FLOAT_ZERO_EPS), dtype)
-        return scale, _stored(lo + 2 ** (fmt.bits - 1) * scale, dtype)
+        scale = stored(((hi - lo) / levels).clamp_min(FLOAT_ZERO_EPS), dtype)
+        return scale, stored(lo + 2 ** (fmt.bits - 1) * scale, dtype)
     lo = g.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
     hi = g.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
-    scale = _stored(((hi - lo) / levels).clamp_min(EPS), dtype)
+    scale = stored(((hi - lo) / levels).clamp_min(EPS), dtype)
     qmin = fmt.qrange[0]  # 0: unsigned codes
     zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmin + levels)  # the code of 0.0
     return scale, zero

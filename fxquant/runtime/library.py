@@ -55,10 +55,15 @@ def packs_two_per_byte(bits: int) -> bool:
     return bits <= 4
 
 
+def stored_codes(codes: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """The stored (unsigned, code - qmin) codes [out, in] of a packed layer's `codes` buffer."""
+    return unpack_int4(codes)[..., :in_features] if packs_two_per_byte(bits) else codes
+
+
 def dequantized_weight(codes, scale, zero, bits, symmetric, group_size, float_zero, in_features) -> torch.Tensor:
     """The [out, in] weight that packed `codes` with `scale` / `zero` stand for, in the format the op's
     primitive arguments spell (`group_size` 0: per row; `float_zero`: the float zero point)."""
-    unpacked = unpack_int4(codes)[..., :in_features] if packs_two_per_byte(bits) else codes
+    unpacked = stored_codes(codes, bits, in_features)
     fmt = QuantFormat.from_float_zero(bits, symmetric, group_size, float_zero)
     return QuantizedWeight(unpacked, scale, zero, fmt).values()
 

@@ -16,7 +16,7 @@ import torch
 from fxquant.quant.format import QuantFormat
 from fxquant.quant.numerics import QuantizedWeight
 from fxquant.quant.packed import pack_int4
-from fxquant.runtime.library import dequantized_weight, packs_two_per_byte
+from fxquant.runtime.library import dequantized_weight, packs_two_per_byte, stored_codes
 
 SPEC_KEYS = ("in_features", "out_features", "bits", "symmetric", "group_size", "float_zero", "bias", "transposed")
 
@@ -76,6 +76,15 @@ class QuantizedLinear(torch.nn.Module):
         """(bits, symmetric, group_size, float_zero, in_features): the format as the op's schema spells it."""
         fmt = self.fmt
         return fmt.bits, fmt.symmetric, fmt.group_size or 0, fmt.float_zero, self.in_features
+
+    def stored_codes(self) -> torch.Tensor:
+        """The codes [out, in] unpacked, as stored (unsigned: code - qmin), uint8."""
+        return stored_codes(self.codes, self.fmt.bits, self.in_features)
+
+    def signed_codes(self) -> torch.Tensor:
+        """The codes [out, in] as the signed integers the format means (code + qmin), int8 for the
+        symmetric formats and every 4-bit one."""
+        return (self.stored_codes().to(torch.int16) + self.fmt.qrange[0]).to(torch.int8)
 
     def weight_values(self) -> torch.Tensor:
         """The dequantized weight [out, in] in the model dtype (what the op multiplies by)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.packed import unpack_int4
 from fxquant.runtime.kernels.define import define
 
 GROUPS = (256, 128, 64, 32)  # the group sizes tinygemm's CPU kernel takes
@@ -62,7 +61,7 @@ def to_tinygemm(layer) -> dict[str, torch.Tensor]:
     """The layer's weight in tinygemm's CPU layout, converted once: packed codes and [groups, out, 2]
     bfloat16 (scale, zero) pairs."""
     group = tinygemm_group(layer)
-    codes = unpack_int4(layer.codes)[:, :layer.in_features].to(torch.int32).contiguous()
+    codes = layer.stored_codes().to(torch.int32).contiguous()
     scale, zero = layer.scale.float(), offset_zero(layer)
     repeat = layer.in_features // group // scale.shape[1]  # > 1 only for a per-channel format
     pairs = torch.stack([scale.repeat_interleave(repeat, 1).t(), zero.repeat_interleave(repeat, 1).t()], dim=-1)

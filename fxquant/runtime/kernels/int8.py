@@ -32,7 +32,7 @@ def padded_k(in_features: int) -> int:
 
 def to_int8pack(layer) -> dict[str, torch.Tensor]:
     """Signed int8 codes [out, K padded to 16] and bfloat16 scales [out], converted once."""
-    codes = (layer.codes.to(torch.int16) - 128).to(torch.int8)  # stored unsigned: code - qmin
+    codes = layer.signed_codes()
     codes = torch.nn.functional.pad(codes, (0, padded_k(layer.in_features) - layer.in_features))
     return {"weight": codes.contiguous(), "scales": layer.scale[:, 0].to(torch.bfloat16).contiguous()}
 

@@ -48,27 +48,24 @@ def float_codes_refusal(layer) -> str | None:
     return None
 
 
-def signed_codes(layer) -> torch.Tensor:
-    """The weight's signed codes [out, in] as int8 (stored unsigned, code - qmin)."""
-    from fxquant.quant.packed import unpack_int4
-
-    codes = unpack_int4(layer.codes)[:, :layer.in_features] if layer.fmt.bits <= 4 else layer.codes
-    return (codes.to(torch.int16) + layer.fmt.qrange[0]).to(torch.int8)
+def _scales(layer) -> torch.Tensor:
+    """The per-channel weight scales [out] in float32 (the epilogue multiplies by them)."""
+    return layer.scale[:, 0].float().contiguous()
 
 
 def to_int_mm(layer) -> dict[str, torch.Tensor]:
     """int8 codes [in, out] (the layout torch._int_mm reads) and float32 scales [out]."""
-    return {"codes_t": signed_codes(layer).t().contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
+    return {"codes_t": layer.signed_codes().t().contiguous(), "scale": _scales(layer)}
 
 
-def to_float_codes_int8(layer) -> dict[str, torch.Tensor]:
+def to_int8_codes(layer) -> dict[str, torch.Tensor]:
     """int8 codes [out, in] and float32 scales [out] (the Triton int8 GEMM's layout)."""
-    return {"codes": signed_codes(layer).contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
+    return {"codes": layer.signed_codes().contiguous(), "scale": _scales(layer)}
 
 
 def to_float_codes(layer) -> dict[str, torch.Tensor]:
     """float32 codes [out, in] and float32 scales [out]."""
-    return {"codes": signed_codes(layer).float().contiguous(), "scale": layer.scale[:, 0].float().contiguous()}
+    return {"codes": layer.signed_codes().float().contiguous(), "scale": _scales(layer)}
 
 
 def _epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias, x: torch.Tensor):

@@ -118,7 +118,7 @@ LINEAR_KERNELS = (
     LinearKernel("float_codes", "any", "exact integer product (float32 GEMM of the codes)", True,
                  integer.float_codes_refusal, integer.to_float_codes, _float_codes, quantizes_input=True),
     LinearKernel("triton_int8", "cuda", "exact integer product (Triton int8 GEMM, int32 sums)", True,
-                 _triton_int8_refusal, integer.to_float_codes_int8, _triton_int8, quantizes_input=True),
+                 _triton_int8_refusal, integer.to_int8_codes, _triton_int8, quantizes_input=True),
     LinearKernel("triton_int4", "cuda", "Triton int4 GEMV (M <= 16) / GEMM", False,
                  _triton_int4_refusal, _triton_int4_prepare, _triton_int4),
 )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.quant.format import QuantFormat
-from fxquant.quant.numerics import EPS, fake_quantize
+from fxquant.quant.numerics import EPS, fake_quantize, stored
 from fxquant.runtime.kernels.define import define
 from fxquant.runtime.kernels.hadamard import kronecker_hadamard
 
@@ -25,23 +25,18 @@ def reference(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1
     return fake_quantize(x, QuantFormat(bits, symmetric, None, "int"), clip_ratio)
 
 
-def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Scales rounded to a half input's dtype, as the reference stores them."""
-    return t if dtype in (torch.float32, torch.float64) else t.to(dtype).float()
-
-
 def row_codes(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> tuple:
     """(codes, scale, zero) per row of the last dim, in float32 (zero None when symmetric): the
     reference's arithmetic in its order, so x_hat = (codes - zero) * scale is bit-identical to it."""
     f = x.float()
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = _stored((f.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax).clamp_min(EPS), x.dtype)
+        scale = stored((f.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax).clamp_min(EPS), x.dtype)
         return torch.round(f / scale).clamp_(-qmax - 1, qmax), scale, None
     levels = 2 ** bits - 1
     lo = f.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
     hi = f.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
-    scale = _stored(((hi - lo) / levels).clamp_min(EPS), x.dtype)
+    scale = stored(((hi - lo) / levels).clamp_min(EPS), x.dtype)
     zero = (0 - torch.round(lo / scale)).clamp(0, levels)
     return torch.round(f / scale).add_(zero).clamp_(0, levels), scale, zero
 
