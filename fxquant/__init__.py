@@ -20,6 +20,7 @@ from fxquant.lowering import lower, lowering_report
 from fxquant.pipeline import Change, PassResult, Pipeline, Step, fxpass
 from fxquant.recipes import PRESETS, Recipe, load_recipe
 from fxquant.serialize import load, save
+from fxquant.viz.html import dump  # fxquant.dump(model_or_graph, path): the HTML page of one graph
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,8 @@ from fxquant.pipeline import Pipeline, PipelineResult
 from fxquant.quant import records
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.recipes import load_recipe
-from fxquant.viz.dump import TextDumper
+from fxquant.viz.dump import Dumpers, TextDumper
+from fxquant.viz.html import HtmlDumper
 
 TOLERANCE = 2e-4  # float passes: max |diff| <= TOLERANCE * max |logit| on the example inputs (float32)
 INITIAL_FACTS = frozenset({"weights_float"})  # what every model is before a recipe: folds require it
@@ -40,7 +41,8 @@ def quantize(model: torch.nn.Module, recipe, calibration=None, *, verify: bool =
 
     `rollback=False` skips the snapshot (a host-memory copy of every weight) that restores the
     model when a pass fails: for models too large to copy, at the price of a half-edited model on error.
-    `dump_dir` (or env FXQUANT_DUMP) receives `NN_<step>.txt` graph dumps, the input and one per pass.
+    `dump_dir` (or env FXQUANT_DUMP) receives `NN_<step>.txt` graph dumps, the input and one per pass;
+    a path ending in `.html` receives one HTML page with the graph before and after every pass.
     """
     _apply(model, recipe, calibration, _Run(verify, rollback, dump_dir=dump_dir))
     return model
@@ -62,10 +64,20 @@ class _Run:
     progress: bool = False
     dump_dir: str | os.PathLike | None = None
 
-    def dumper(self) -> TextDumper | None:
-        """Text dumps into `dump_dir`, else into env FXQUANT_DUMP, else none."""
-        folder = self.dump_dir or os.environ.get("FXQUANT_DUMP")
-        return TextDumper(folder) if folder else None
+    def dumper(self):
+        """Where `dump_dir` (else env FXQUANT_DUMP) points: a `.html` path gets the one-page HTML dump, a
+        directory the text dumps `NN_<step>.txt`, plus `dump.html` when env FXQUANT_DUMP_FORMAT=both
+        (`html`: the page alone); none without either."""
+        target = self.dump_dir or os.environ.get("FXQUANT_DUMP")
+        if not target:
+            return None
+        if str(target).endswith(".html"):
+            return HtmlDumper(target)
+        form = os.environ.get("FXQUANT_DUMP_FORMAT", "text")
+        if form not in ("text", "html", "both"):
+            raise RecipeError(f"FXQUANT_DUMP_FORMAT={form!r} is not one of ['text', 'html', 'both']")
+        page = HtmlDumper(os.path.join(target, "dump.html"))
+        return {"text": TextDumper(target), "html": page, "both": Dumpers((TextDumper(target), page))}[form]
 
 
 def _apply(model, recipe, calibration, run: _Run) -> PipelineResult:

@@ -4,6 +4,7 @@
     fxquant inspect  --model smollm2|PATH|tiny-ARCH   # capture + analyse, print tables, dump graph
     fxquant eval     --model smollm2|PATH|DIR [--recipe NAME]   # perplexity (before -> after a recipe)
     fxquant generate --model DIR|smollm2 --prompt TEXT [--recipe NAME]   # stream text, print speed
+    fxquant dump     --model smollm2 --recipe quarot-w4a4kv4 --out run.html   # the graph before/after every pass
     fxquant recipes  [NAME]   # list the presets, or print one preset's TOML file to copy and edit
 
 Errors from fxquant exit with status 2 and their message, never a traceback.
@@ -69,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--recipe", default=None, help="quantize in memory with this preset or recipe file first")
     gen.add_argument("--no-lower", action="store_true", help="run the reference ops instead of the kernels")
     gen.set_defaults(run=_generate)
+    dmp = sub.add_parser("dump", help="write one self-contained HTML page: the graph before and after every pass")
+    dmp.add_argument("--model", required=True, help="smollm2, a local HF dir or .gguf file, or tiny-ARCH")
+    dmp.add_argument("--recipe", default=None, help="a preset name, or a .toml/.yaml recipe file (default: none, "
+                                                    "the captured graph and its analysis alone)")
+    dmp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override a field in every pass that has it, as for quantize")
+    dmp.add_argument("--calibration", type=int, default=32, metavar="N",
+                     help="calibrated passes see the first N windows of the default text (default 32)")
+    dmp.add_argument("--out", required=True, metavar="FILE.html", help="the page to write; open it from file://")
+    dmp.set_defaults(run=_dump)
     rec = sub.add_parser("recipes", help="list the presets, or print one preset's TOML recipe file")
     rec.add_argument("name", nargs="?", metavar="NAME",
                      help="print this preset's file, to copy and edit: fxquant recipes w4a16 > mine.toml")
@@ -90,6 +101,29 @@ def _recipes(args) -> int:
         print(f"{'':<{width}}  {' -> '.join(key for key, _ in steps)}")
     print("\nfxquant recipes NAME > mine.toml  prints a preset's file; edit it, then "
           "fxquant quantize --recipe mine.toml")
+    return 0
+
+
+def _dump(args) -> int:
+    """Quantize in memory with the recipe, dumping every step into one HTML page (no recipe: the graph alone)."""
+    from fxquant.api import quantize
+    from fxquant.errors import RecipeError
+    from fxquant.models import load_model
+    from fxquant.recipes import recipe_with
+    from fxquant.viz.html import dump
+
+    if not args.out.endswith(".html"):
+        raise RecipeError(f"--out {args.out!r} must name an .html file")
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    if args.recipe:
+        recipe = recipe_with(args.recipe, _fields(args.set))
+        quantize(model, recipe, _calibration(tokenizer, args.calibration, args.model, model), dump_dir=args.out)
+    else:
+        dump(model, args.out)
+    size = Path(args.out).stat().st_size / 2 ** 10
+    print(f"dump: {Path(args.out).resolve().as_uri()} ({size:.0f} KiB, {time.perf_counter() - start:.1f} s); "
+          "open it in a browser, offline")
     return 0
 
 

@@ -40,3 +40,14 @@ class TextDumper:
         path.parent.mkdir(parents=True, exist_ok=True)
         comment = "".join(f"# {line}\n" for text in snapshot.lines for line in text.splitlines())
         path.write_text(comment + graph_text(snapshot.cg) + "\n")
+
+
+@dataclass(frozen=True)
+class Dumpers:
+    """Several dumpers as one: each gets every snapshot, in order (text files and the HTML page)."""
+
+    dumpers: tuple
+
+    def __call__(self, snapshot: DumpSnapshot) -> None:
+        for dumper in self.dumpers:
+            dumper(snapshot)

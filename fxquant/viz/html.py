@@ -1,0 +1,106 @@
+"""The HTML dump: one self-contained page per run with the graph before and after every pass.
+
+Entry points: `HtmlDumper(path)`, a dumper the Pipeline hands each `DumpSnapshot` (`quantize(...,
+dump_dir="run.html")`, `FXQUANT_DUMP=run.html`, `fxquant dump`), and `dump(model_or_graph, path)` for
+one graph. The one idea: Python does the reading (rows, diff, chains, identical blocks:
+`graphdata`, `repeats`) and writes it as one inline JSON blob; the page's own script
+(`page_script`, no library, no network) lays out a group only when it is opened. The page is
+rewritten after every step, so a run that fails still leaves the steps before the failure.
+"""
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fxquant.analysis import analyse
+from fxquant.capture import capture
+from fxquant.ir import CapturedGraph
+from fxquant.pipeline import DumpSnapshot
+from fxquant.viz.graphdata import FLAGS, Strings, graph_record, link
+from fxquant.viz.page_script import SCRIPT
+from fxquant.viz.page_style import STYLE
+from fxquant.viz.repeats import repeat_classes
+
+
+class HtmlDumper:
+    """Writes one HTML page at `path` holding every snapshot it has been handed so far.
+
+    Example::
+
+        Pipeline([fold_norms, rotate_residual], dumper=HtmlDumper("run.html")).run(cg)
+        # run.html: steps input, fold_norms, rotate_residual; open it from file://
+    """
+
+    def __init__(self, path: str | os.PathLike, title: str | None = None):
+        self.path, self.title = Path(path), title
+        self.strings, self.records = Strings(), []
+        self._last = None  # (structure, step index) of the last graph analysis found chains in
+
+    def __call__(self, snapshot: DumpSnapshot) -> None:
+        if self.title is None:
+            self.title = f"fxquant dump: {type(snapshot.cg.model).__name__}"
+        structure, note = self._structure(snapshot)
+        record = graph_record(snapshot, self.strings, structure, own=not note)
+        record.note = note
+        if self.records:
+            link(self.records[-1], record)
+        self.records.append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(page(self.data()), encoding="utf-8")
+
+    def _structure(self, snapshot: DumpSnapshot):
+        """This graph's analysis when it finds chains; else the last one that did (matched by module)."""
+        try:
+            structure = analyse(snapshot.cg)
+        except Exception as exc:  # a dump must never fail the run it records
+            structure, why = None, f"analysis failed here ({type(exc).__name__}: {exc})"
+        else:
+            why = "analysis finds no chains in this graph"
+        if structure is not None and (structure.vo_chains or structure.mlp_chains or structure.stream.groups):
+            self._last = (structure, snapshot.step)
+            return structure, ""
+        if self._last is None:
+            return None, why
+        return self._last[0], f"{why}; chains shown as step '{self._last[1]}' found them, matched by module path"
+
+    def data(self) -> dict:
+        """What the page reads: the string table, the flag bits and one entry per step."""
+        steps = [{"index": r.index, "step": r.step, "lines": r.lines, "nodes": r.nodes, "chains": r.chains,
+                  "blocked": r.blocked, "changes": r.changes, "diff": r.diff, "note": r.note,
+                  "repeats": repeat_classes(r)} for r in self.records]
+        return {"title": self.title or "fxquant dump", "strings": self.strings.items, "flags": FLAGS,
+                "steps": steps, "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def page(data: dict) -> str:
+    """The whole page: style, the JSON blob (with `</` escaped so no string can end the script) and the script."""
+    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(data['title'])}</title>"
+            f"<style>{STYLE}</style></head><body>\n"
+            f"<script type=application/json id=fxq-data>{blob}</script>\n<script>{SCRIPT}</script>\n</body></html>\n")
+
+
+def dump(model_or_graph, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Write the HTML page of one graph: a model (captured first), a CapturedGraph or a GraphModule.
+    For the graph before and after every pass of a recipe, use `quantize(model, recipe, dump_dir="run.html")`.
+
+    Example::
+
+        fxquant.dump(tiny_model("llama"), "llama.html")   # one step, "input", with the analysis's chains
+    """
+    if isinstance(model_or_graph, CapturedGraph):
+        cg = model_or_graph
+    elif isinstance(model_or_graph, torch.fx.GraphModule):
+        cg = CapturedGraph(model_or_graph, model_or_graph, {})
+    elif isinstance(model_or_graph, torch.nn.Module):
+        cg = capture(model_or_graph)
+    else:
+        raise TypeError(f"fxquant.dump needs a model, CapturedGraph or GraphModule, got {type(model_or_graph).__name__}")
+    dumper = HtmlDumper(path, title)
+    dumper(DumpSnapshot(0, "input", cg))
+    return Path(path)
