@@ -55,6 +55,12 @@ def apply_recipe(model, recipe, calibration=None, *, verify: bool = True, rollba
     return _apply(model, recipe, calibration, _Run(verify, rollback, progress))
 
 
+def apply_on_inputs(model, recipe, example_inputs: tuple, *, verify: bool = True) -> PipelineResult:
+    """`apply_recipe` without calibration data or a snapshot, the model captured and its float passes
+    verified on `example_inputs`: what the compile backend runs on the copy of a graph's weights it owns."""
+    return _apply(model, recipe, None, _Run(verify, rollback=False, example_inputs=example_inputs))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """How a recipe is applied, beside what: verify float passes, snapshot to roll back, show a bar, dump."""
@@ -63,6 +69,7 @@ class _Run:
     rollback: bool = True
     progress: bool = False
     dump_dir: str | os.PathLike | None = None
+    example_inputs: tuple | None = None
 
     def dumper(self):
         """Where `dump_dir` (else env FXQUANT_DUMP) points: a `.html` path gets the one-page HTML dump, a
@@ -91,7 +98,7 @@ def _apply(model, recipe, calibration, run: _Run) -> PipelineResult:
     snapshot = _Snapshot(model) if run.rollback else None
     try:
         start = time.perf_counter()
-        cg = capture(model, None if is_causal_lm(model) or not batches else _first_row(batches[0]))
+        cg = capture(model, _example(model, batches, run.example_inputs))
         pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if run.verify else None,
                             rel_atol=tolerance(model), rtol=0.0, final_capture=False, progress=run.progress,
                             calibration=tuple(batches), dumper=run.dumper())
@@ -127,6 +134,14 @@ def calibration_batches(calibration) -> list[dict]:
         raise CalibrationError(f"calibration must be a LongTensor [n, seq] or an iterable of tensors or input "
                                f"dicts, not {type(calibration).__name__}")
     return [_batch(i, item) for i, item in enumerate(items)]
+
+
+def _example(model, batches: list[dict], given):
+    """What a model is captured with: given inputs, else default token ids for a transformers causal
+    LM, else the first calibration sequence."""
+    if given is not None:
+        return given
+    return None if is_causal_lm(model) or not batches else _first_row(batches[0])
 
 
 def _first_row(batch: dict) -> dict:

@@ -33,6 +33,8 @@ RANK = {
     "fxquant.passes": 6,
     # 7: recipes and the API
     "fxquant.recipes": 7, "fxquant.api": 7, "fxquant.serialize": 7, "fxquant.qat": 7,
+    # 8: the torch.compile backend (raises dynamo's graphs to modules, runs recipes and lowering on them)
+    "fxquant.backend": 8,
     # 9: entry points
     "fxquant.cli": 9, "fxquant": 9,
 }

@@ -46,15 +46,32 @@ class AttentionTransform:
         return query, key, value
 
 
+def apply_transform(module: torch.nn.Module, query, key, value) -> tuple:
+    """(q, k, v) after the module's AttentionTransform, if it has one (recorded for a probe)."""
+    transform = getattr(module, ATTR, None)
+    if transform is None:
+        return query, key, value
+    seen = getattr(_SEEN, "ids", None)
+    if seen is not None:
+        seen.add(id(module))
+    return transform.apply(query, key, value)
+
+
 def fxquant_sdpa(module, query, key, value, attention_mask, **kwargs):
     """SDPA with the calling module's AttentionTransform applied to the post-RoPE q and k."""
-    transform = getattr(module, ATTR, None)
-    if transform is not None:
-        seen = getattr(_SEEN, "ids", None)
-        if seen is not None:
-            seen.add(id(module))
-        query, key, value = transform.apply(query, key, value)
+    query, key, value = apply_transform(module, query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class GraphAttention(torch.nn.Module):
+    """One SDPA call as a module at its attention module's path, for a graph that inlined the
+    attention (a raised dynamo graph): the module's AttentionTransform, then SDPA with the call's
+    arguments. Keys and values may arrive repeated for GQA; per-(token, head) rows quantize and
+    rotate the same either way."""
+
+    def forward(self, query, key, value, *args, **kwargs):
+        query, key, value = apply_transform(self, query, key, value)
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, *args, **kwargs)
 
 
 def register() -> None:

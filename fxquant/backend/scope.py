@@ -1,0 +1,43 @@
+"""Refusing what one graph cannot hold: a recipe that rotates the whole residual stream, on part of a model.
+
+Entry point: `check_scope(module, recipe, inputs)`. The one idea: dynamo hands the backend one graph
+per stretch between graph breaks, and each is compiled alone. R1 edits the embedding, every writer
+and every reader of the residual stream together; done on the stretch before a break and not on the
+stretch after it, the model would be silently wrong. So before any pass runs, a recipe with a
+whole-stream pass is refused unless this graph starts the stream at the embedding and keeps it inside.
+"""
+from __future__ import annotations
+
+from fxquant.analysis.norms import find_norms
+from fxquant.analysis.stream import find_residual_stream
+from fxquant.capture import capture
+from fxquant.errors import RecipeError
+
+WHOLE_STREAM = frozenset({"residual_rotated"})  # facts of passes that edit the whole residual stream
+
+
+def check_scope(module, recipe, inputs: tuple) -> None:
+    """Raise RecipeError when `recipe` has a whole-stream pass and this graph holds only part of the stream."""
+    steps = [s.name for s in recipe.pipeline_steps() if s.info.provides & WHOLE_STREAM]
+    if not steps:
+        return
+    reason = split_reason(capture(module, inputs))
+    if reason is not None:
+        raise RecipeError(
+            f"recipe {recipe.name!r}: pass '{steps[0]}' (R1) rotates the whole residual stream, but {reason}, "
+            "so dynamo split the model (a graph break) and R1 could only be half-applied; nothing was changed. "
+            "Remove the graph break (TORCH_LOGS=graph_breaks shows where it is), or run "
+            f"fxquant.quantize(model, {recipe.name!r}) first and compile the quantized model")
+
+
+def split_reason(cg) -> str | None:
+    """Why this graph holds only part of the residual stream, or None when it holds all of it."""
+    norms, _ = find_norms(cg)
+    stream, _, nodes = find_residual_stream(cg, norms)
+    if not stream.sources:
+        return "this graph has no token embedding (it starts after a graph break)"
+    for node in nodes:
+        if any(user.op == "output" for user in node.users):
+            where = cg.module_of(node) or "the top level"
+            return f"the stream leaves this graph at node '{node.name}' (in '{where}')"
+    return None
