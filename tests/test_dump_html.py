@@ -109,6 +109,9 @@ def test_chains_have_one_colour_per_class(page, quarot_page):
     vo = page.eval("[...document.querySelectorAll('#root .node[data-i]')].filter(e => e.querySelector('.chain-vo'))"
                    ".map(e => e.querySelector('.sub').textContent)")
     assert sorted(vo) == ["o_proj", "v_proj"]
+    heads = page.eval("Object.fromEntries([...document.querySelectorAll('#root .node[data-i]')].filter(e => e.querySelector('.head'))"
+                      ".map(e => [e.querySelector('.sub').textContent, [...e.querySelectorAll('.head')].map(h => +h.dataset.kv)]))")
+    assert heads == {"v_proj": [0, 1], "o_proj": [0, 0, 1, 1]}  # 2 KV heads, each read by 2 of the 4 query heads
     mlp = page.eval("[...document.querySelectorAll('#root .node[data-i]')].filter(e => e.querySelector('.chain-mlp'))"
                     ".map(e => e.querySelector('.sub').textContent)")
     assert sorted(mlp) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
@@ -248,3 +251,15 @@ def test_smollm2_dump_opens_in_under_two_seconds(browser, tmp_path):
     page.eval("fxq.state.open = new Set(['model.layers.0', 'model.layers.0.self_attn']); fxq.render(); 1")
     assert page.eval("document.querySelectorAll('section.group').length") == 3
     assert page.errors() == []
+
+
+def test_read_a_dump_example_writes_the_page(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("read_a_dump", Path(__file__).parent.parent / "examples" / "read_a_dump.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--model", "tiny-llama", "--recipe", "rotate-r1r2r4", "--out", str(tmp_path / "ex.html")])
+    assert [s["step"] for s in _data(out)["steps"]][-1] == "insert_online_hadamard"
+    assert out.as_uri() in capsys.readouterr().out

@@ -56,6 +56,7 @@ class GraphRecord:
     note: str = ""
     diff: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)  # parameter name -> fingerprint, to tell which a step edited
+    repeats: dict | None = None  # repeat_classes, kept once the next step is linked (flags then final)
 
 
 def graph_record(snapshot, strings: Strings, structure, own: bool = True) -> GraphRecord:
@@ -182,7 +183,8 @@ def _members(record: GraphRecord, module: str, name: str | None, names: dict) ->
 
 
 def _add_structure(record: GraphRecord, structure, names: dict | None) -> None:
-    """Chains as `[class, label, detail, node indices]`: norm -> readers, v -> o (per head), up/gate -> down,
+    """Chains as `[class, label, detail, node indices(, roles)]`: norm -> readers, v -> o (roles: which node
+    is v, which o, and per KV head the query heads reading it), up/gate -> down,
     and, when `names` (node name -> row) says the analysis ran on this graph, the residual adds and
     the analysis's Blocked places."""
     if structure is None:
@@ -197,8 +199,10 @@ def _add_structure(record: GraphRecord, structure, names: dict | None) -> None:
     for c in structure.vo_chains:
         heads = "; ".join(f"kv{h.kv_head}: v rows {h.v_rows[0]}:{h.v_rows[1]} -> q heads {list(h.q_heads)} -> o cols "
                           + ",".join(f"{a}:{b}" for a, b in h.o_cols) for h in c.heads)
+        v, o = pick(c.v), pick(c.o)
+        roles = {"v": v, "o": o, "heads": [[h.kv_head, list(h.q_heads)] for h in c.heads]}  # the page's head strips
         record.chains.append(["vo", f"{c.v.module} -> {c.o.module.rsplit('.', 1)[-1]}",
-                              f"head_dim {c.head_dim}, {c.num_kv_heads} kv / {c.num_q_heads} q heads. {heads}", pick(c.v) + pick(c.o)])
+                              f"head_dim {c.head_dim}, {c.num_kv_heads} kv / {c.num_q_heads} q heads. {heads}", v + o, roles])
     for c in structure.mlp_chains:
         sites = [c.up] + ([c.gate] if c.gate else []) + [c.down]
         record.chains.append(["mlp", f"{c.up.module} -> {c.down.module.rsplit('.', 1)[-1]}",

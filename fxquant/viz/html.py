@@ -49,6 +49,7 @@ class HtmlDumper:
         record.note = note
         if self.records:
             link(self.records[-1], record)
+            self.records[-1].repeats = repeat_classes(self.records[-1])  # its flags are final now
         self.records.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(page(self.data()), encoding="utf-8")
@@ -72,7 +73,7 @@ class HtmlDumper:
         """What the page reads: the string table, the flag bits and one entry per step."""
         steps = [{"index": r.index, "step": r.step, "lines": r.lines, "nodes": r.nodes, "chains": r.chains,
                   "blocked": r.blocked, "changes": r.changes, "diff": r.diff, "note": r.note,
-                  "repeats": repeat_classes(r)} for r in self.records]
+                  "repeats": r.repeats if r.repeats is not None else repeat_classes(r)} for r in self.records]
         return {"title": self.title or "fxquant dump", "strings": self.strings.items, "flags": FLAGS,
                 "steps": steps, "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 

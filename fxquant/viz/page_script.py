@@ -90,10 +90,10 @@ function graph(m, G) {  // items plus stubs for inputs from and outputs to outsi
   for (const [i, v] of of) {
     for (const a of m.N[i][3]) {
       if (!m.drawn[a]) continue;
-      const u = of.has(a) ? of.get(a) : stub("in " + where(a), `from ${where(a)} \u00b7 ${short(S[m.N[a][1]])}`, a);
+      const u = of.has(a) ? of.get(a) : stub("in " + where(a), `from ${where(a)} (${short(S[m.N[a][1]])})`, a);
       if (u !== v) edges.add(u + "," + v);
     }
-    for (const u of m.users[i]) if (m.drawn[u] && !of.has(u)) edges.add(v + "," + stub("out " + where(u), `to ${where(u)} \u00b7 ${short(S[m.N[u][1]])}`, u));
+    for (const u of m.users[i]) if (m.drawn[u] && !of.has(u)) edges.add(v + "," + stub("out " + where(u), `to ${where(u)} (${short(S[m.N[u][1]])})`, u));
   }
   return {items: it, of, edges: [...edges].map((e) => e.split(",").map(Number))};
 }
@@ -155,9 +155,20 @@ function describe(m, G, item) {  // label lines, classes and marks of one item
   if (r[6] > 0) cls += " inserted";
   if (st.side === "after" && has(f, "created")) cls += " created";
   if (st.side === "before" && has(f, "erased")) cls += " erased";
+  const heads = headStrip(m, item.i), h = (r[6] > 0 ? 48 : 36) + (heads.length ? 8 : 0);
   return {lines: [has(f, "input") ? r[0] : short(op), sub], cls, chains: [...new Set(m.chainsOf[item.i].map((c) => step.chains[c][0]))].sort(),
-          flags: f, chips: [...new Set(chips)], tag: r[6] > 0 ? "+" + D.steps[r[6]].step : "", h: r[6] > 0 ? 48 : 36};
+          flags: f, chips: [...new Set(chips)], tag: r[6] > 0 ? "+" + D.steps[r[6]].step : "", heads, h};
 }
+function headStrip(m, i) {  // v -> o per head: v's KV heads, or o's query heads coloured by the KV head they read
+  for (const c of m.chainsOf[i]) {
+    const roles = D.steps[m.k].chains[c][4];
+    if (!roles || !roles.heads) continue;
+    if (roles.v.includes(i)) return roles.heads.map(([kv]) => kv);
+    if (roles.o.includes(i)) return roles.heads.flatMap(([kv, qs]) => qs.map(() => kv));
+  }
+  return [];
+}
+const headColour = (kv) => `hsl(${(kv * 67) % 360},60%,48%)`;
 function kindOf(op, f) {
   if (has(f, "input") || has(f, "output")) return "io";
   if (op.startsWith("fxquant.")) return "fxq";
@@ -176,7 +187,10 @@ const relative = (G, p) => (G && p.startsWith(G + ".") ? p.slice(G.length + 1) :
 
 function svgOf(m, G, g) {
   const ds = g.items.map((it) => describe(m, G, it));
-  ds.forEach((d, k) => { g.items[k].w = Math.min(260, Math.max(d.h === 20 ? 60 : 76, 14 + 5 * (d.chains || []).length + 6.4 * Math.max(...d.lines.concat(d.tag || "").map((s) => s.length)))); });
+  ds.forEach((d, k) => {
+    const text = 6.4 * Math.max(...d.lines.concat(d.tag || "").map((s) => s.length)), heads = 7 * (d.heads || []).length;
+    g.items[k].w = Math.min(300, Math.max(d.h === 20 ? 60 : 76, 16 + 5 * (d.chains || []).length + Math.max(text, heads)));
+  });
   const P = layout(g.items, g.edges), out = [];
   for (const p of P.paths) {
     const last = p.chain.length - 1;  // from the source's bottom through each dummy's row middle to the target's top
@@ -197,6 +211,7 @@ function svgOf(m, G, g) {
     let mx = w - 4;
     if (d.flags && has(d.flags, "blocked")) { s += `<text class="mark blocked" x="${mx}" y="15" text-anchor="end">\u26a0</text>`; mx -= 13; }
     if (d.flags && has(d.flags, "edited") && st.side === "after") { s += `<text class="mark edited" x="${mx}" y="15" text-anchor="end">\u270e</text>`; mx -= 13; }
+    (d.heads || []).forEach((kv, j) => { s += `<rect class="head" data-kv="${kv}" x="${x0 + j * 7}" y="${d.h - 8}" width="6" height="5" fill="${headColour(kv)}"/>`; });
     if (d.chips && d.chips.length) s += `<text class="chip" x="${w - 4}" y="30" text-anchor="end">${d.chips.join(" ")}</text>`;
     out.push(s + `<title>${esc(tooltip(m, it, d))}</title></g>`);
   });
@@ -315,7 +330,9 @@ function sidebar() {
     + `<div><span class=sw style="border:2px solid var(--created)"></span>inserted by a pass (+name); thick: by this step</div>`
     + `<div><span class=sw style="border:2px dashed var(--erased)"></span>erased by this step (before view)</div>`
     + `<div><b style="color:var(--edited)">\u270e</b> weight edited by this step \u00a0 <b style="color:var(--blocked)">\u26a0</b> blocked (hover: reason)</div>`
-    + `<div>chips: W reads a parameter, S reads a shared input</div>`;
+    + `<div>chips: W reads a parameter, S reads a shared input</div>`
+    + `<div>${[0, 1, 2].map((kv) => `<span class=sw style="width:8px;background:${headColour(kv)}"></span>`).join("")} v -> o per head: v's KV heads; o's query heads, coloured by the KV head they read</div>`
+    + `<div>click a node: its chains (highlighted), heads, inputs</div>`;
   document.querySelectorAll("#bar button").forEach((b) => { b.onclick = () => { st.side = b.dataset.side; render(); }; });
   let timer = 0;
   $("search").addEventListener("input", (e) => { clearTimeout(timer); timer = setTimeout(() => search(e.target.value), 120); });

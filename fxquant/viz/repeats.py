@@ -39,7 +39,8 @@ def repeat_classes(record: GraphRecord) -> dict[str, list[list]]:
 
 def _chains_by_node(record: GraphRecord) -> dict[int, tuple[str, ...]]:
     out = defaultdict(list)
-    for cls, *_, nodes in record.chains:
+    for chain in record.chains:
+        cls, nodes = chain[0], chain[3]
         for i in nodes:
             out[i].append(cls)
     return {i: tuple(sorted(c)) for i, c in out.items()}
