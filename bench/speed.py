@@ -2,13 +2,14 @@
 
 Usage: python bench/speed.py [--model smollm2] [--presets w4a16:64,w8a8,quarot-w4a4kv4]
                              [--prompt 512] [--new 32] [--repeats 3] [--plans measure,fast]
-                             [--compile] [--json out.json]
+                             [--compile] [--backend] [--json out.json]
 
 In one process, one model at a time: float32, bfloat16, and for each preset (NAME, NAME:GROUP,
 NAME+lm_head: the output layer quantized too)
 the packed model and the same model lowered. Prefill = one forward of `--prompt` tokens (fastest of
 `--repeats`); decode = greedy `generate` at batch 1, (t(new + 1 tokens) - t(1 token)) / new, the
-same prompt (fastest runs). `--compile` adds each model under `torch.compile` (inductor). Ratios are
+same prompt (fastest runs). `--compile` adds each model under `torch.compile` (inductor); `--backend` adds each packed preset
+under `torch.compile(backend="fxquant")` (which lowers it per plan, then inductor). Ratios are
 against float32 eager and bfloat16 eager of the same run, since the machines are noisy.
 """
 from __future__ import annotations
@@ -67,6 +68,23 @@ def _preset(spec: str) -> tuple[str, dict]:
     return spec, recipe
 
 
+def _record_backend(rows, name, model, plan, run) -> None:
+    """One row for `model` (packed, not lowered) under torch.compile(backend="fxquant"); the compile
+    time (prefill and decode graphs, in the warm-up) is printed, not counted."""
+    ids, args = run
+    target = copy.copy(model)
+    target.forward = torch.compile(model.forward, backend="fxquant", dynamic=True, options={"plan": plan})
+    start = time.perf_counter()
+    with torch.inference_mode():  # every graph the measurement meets: forward alone, prefill, decode steps
+        target(ids)
+        target.generate(ids, max_new_tokens=args.new + 1, min_new_tokens=args.new + 1, do_sample=False)
+    print(f"  compiled with the fxquant backend in {time.perf_counter() - start:.1f} s", flush=True)
+    row = {"model": name, **measure(target, ids, args.new, args.repeats)}
+    rows.append(row)
+    print(f"{row['model']:32s} prefill {row['prefill_ms']:8.1f} ms   decode {row['decode_tok_s']:6.1f} tok/s", flush=True)
+    torch._dynamo.reset()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -76,6 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--plans", default="measure", help="lowering plans to measure, e.g. measure,fast")
     p.add_argument("--compile", action="store_true", help="also measure each model under torch.compile")
+    p.add_argument("--backend", action="store_true", help="also measure each preset under the fxquant backend")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -101,6 +120,9 @@ def main(argv=None) -> None:
         model = copy.deepcopy(base)
         quantize(model, recipe, verify=False)
         record(f"{label} packed", model)
+        if args.backend:
+            for plan in args.plans.split(","):
+                _record_backend(rows, f"{label} +fxquant backend ({plan})", model, plan, (ids, args))
         for plan in args.plans.split(","):
             start = time.perf_counter()
             lower(model, plan=plan)

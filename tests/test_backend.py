@@ -159,7 +159,17 @@ def test_compiled_lowered_model_generates_the_eager_tokens():
     model = tiny_model("llama")
     fxquant.quantize(model, recipe)
     model.forward = torch.compile(model.forward, backend="fxquant", options={"plan": "rule"})
-    assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False), expected)
+    with collect() as reports:
+        assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False), expected)
+    assert len(reports) >= 2  # prefill, then decode: the decode graph takes the prefill graph's lowering
+    assert all("reused" in r.recipe[0] for r in reports[1:]), [r.recipe for r in reports]
+
+
+def test_recipe_on_attention_reading_a_kv_cache_is_refused():
+    model = tiny_model("llama")
+    model.forward = torch.compile(model.forward, backend="fxquant", options={"recipe": "rotate-r1r2", "plan": "rule"})
+    with pytest.raises(Exception, match="reads a KV cache .* use_cache=False, or run fxquant.quantize"):
+        model.generate(IDS, max_new_tokens=2, do_sample=False)
 
 
 def test_raised_graph_puts_every_linear_and_attention_back_at_its_path():

@@ -34,3 +34,10 @@ def test_example_pass_refuses_tied_readers_instead_of_breaking_the_model():
 def test_quantize_model_example_generates_the_same_tokens_after_rotation():
     before, after = _load("quantize_model").main(["--model", "tiny-llama", "--recipe", "rotate-r1r2"])
     assert torch.equal(before, after)
+
+
+def test_compile_with_backend_example_gives_the_same_logits_both_ways():
+    torch._dynamo.reset()
+    tokens, compiled_with_recipe, quantized_then_compiled = _load("compile_with_backend").main(["--model", "tiny-llama"])
+    assert tokens.shape[1] > 4
+    torch.testing.assert_close(compiled_with_recipe, quantized_then_compiled, rtol=0, atol=1e-5)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from fxquant.api import apply_on_inputs
+from fxquant.backend import reuse
 from fxquant.backend.graph_pass import FxquantGraphPass, pending
 from fxquant.backend.modules import raise_graph
 from fxquant.backend.report import CompileReport, collect, explain, publish
@@ -71,15 +72,21 @@ def fxquant_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     mode = mode or opts.mode
     raised = raise_graph(gm, example_inputs, clone=opts.recipe is not None)
     inputs = tuple(example_inputs[i] for i in raised.user_positions)
-    recipe_log = _apply(raised.module, opts, inputs) if opts.recipe is not None else ()
-    lowering = ""
-    if opts.lower:
-        lower(raised.module, plan=opts.plan)
-        lowering = lowering_report(raised.module).summary()
+    graph, key = next(_GRAPHS), repr((opts.recipe, opts.lower, opts.plan, opts.verify))
+    done = reuse.find(key, raised)
+    if done is not None:  # a decode graph after its prefill graph: the same recipe, lowered once
+        reuse.transplant(raised, done[0])
+        recipe_log = (f"the recipe's and lowering's result of graph {done[1]} (the same weights and options), reused",)
+    else:
+        recipe_log = _apply(raised.module, opts, _concrete(inputs)) if opts.recipe is not None else ()
+        if opts.lower:
+            lower(raised.module, plan=opts.plan)
+        reuse.remember(key, raised, graph)
+    lowering = lowering_report(raised.module).summary() if opts.lower else ""
     graph_pass = FxquantGraphPass({"lower": opts.lower})
     patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_pre_pass": graph_pass if opts.lower else None}
     compiled = compile_fx(raised.module, list(inputs), config_patches=patches)
-    publish(CompileReport(next(_GRAPHS), len(example_inputs) - len(inputs), raised.linears, raised.attentions,
+    publish(CompileReport(graph, len(example_inputs) - len(inputs), raised.linears, raised.attentions,
                           recipe_log, lowering, dict(pending(raised.module.graph)) if opts.lower else {},
                           dict(graph_pass.counts), raised.left))
     return _UserInputs(compiled, raised.user_positions)
@@ -97,6 +104,12 @@ def _apply(module, opts: BackendOptions, inputs: tuple) -> tuple[str, ...]:
             f"calibrates on dynamo's example inputs: run fxquant.quantize(model, {opts.recipe.name!r}, "
             f"calibration=...) first, then torch.compile(model, backend='fxquant'). ({exc})") from exc
     return result.log
+
+
+def _concrete(inputs: tuple) -> tuple:
+    """Dynamo's inputs with each symbolic size (a dynamic-shape graph) as the value it has now:
+    what capturing the raised tree for the recipe needs (the compiled graph stays dynamic)."""
+    return tuple(int(x.node.hint) if isinstance(x, torch.SymInt) else x for x in inputs)
 
 
 class _UserInputs:

@@ -42,13 +42,14 @@ class RaisedGraph:
     linears: int  # call sites raised to linear modules
     attentions: int  # SDPA calls raised to GraphAttention
     left: tuple[str, ...] = ()  # call sites left as graph ops, each with its reason
+    sources: dict = None  # fqn -> the user's tensor it was raised from (what `reuse` matches on)
 
 
 def raise_graph(gm: torch.fx.GraphModule, example_inputs, *, clone: bool) -> RaisedGraph:
     """Raise dynamo's `gm` into a module tree; `clone`: the tree owns copies of the weights."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     root = _root_prefix(placeholders)
-    tree, weights, user = torch.nn.Module(), {}, []
+    tree, weights, user, sources = torch.nn.Module(), {}, [], {}
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         where = _tensor_path(node, root)
         if where is None or not isinstance(value, torch.Tensor):
@@ -56,14 +57,14 @@ def raise_graph(gm: torch.fx.GraphModule, example_inputs, *, clone: bool) -> Rai
             continue
         fqn, kind = where
         _attach(tree, fqn, _owned(value, clone, kind), kind)
-        weights[node] = fqn
+        weights[node], sources[fqn] = fqn, value
     builder = _Builder(tree, weights, root)
     for node in gm.graph.nodes:
         builder.copy(node)
     module = torch.fx.GraphModule(tree, builder.graph, class_name="RaisedGraph")
     module.graph.eliminate_dead_code()  # the quantizer / Hadamard nodes that became a linear's hooks
     module.recompile()
-    return RaisedGraph(module, tuple(user), builder.linears, builder.attentions, tuple(builder.left))
+    return RaisedGraph(module, tuple(user), builder.linears, builder.attentions, tuple(builder.left), sources)
 
 
 def _owned(value: torch.Tensor, clone: bool, kind: str) -> torch.Tensor:

@@ -1,33 +1,59 @@
-"""Refusing what one graph cannot hold: a recipe that rotates the whole residual stream, on part of a model.
+"""Refusing what one graph cannot hold: a recipe on part of a model, or on attention that reads a KV cache.
 
 Entry point: `check_scope(module, recipe, inputs)`. The one idea: dynamo hands the backend one graph
 per stretch between graph breaks, and each is compiled alone. R1 edits the embedding, every writer
 and every reader of the residual stream together; done on the stretch before a break and not on the
 stretch after it, the model would be silently wrong. So before any pass runs, a recipe with a
 whole-stream pass is refused unless this graph starts the stream at the embedding and keeps it inside.
+Likewise a graph whose attention reads a KV cache (past keys and values enter as graph inputs)
+cannot prove what wrote them, so a recipe is refused there: quantize first, then compile, to generate.
 """
 from __future__ import annotations
 
+import torch
+
+from fxquant.analysis.dataflow import trace_views_back
 from fxquant.analysis.norms import find_norms
 from fxquant.analysis.stream import find_residual_stream
 from fxquant.capture import capture
 from fxquant.errors import RecipeError
+from fxquant.ops import OpClass, classify
 
 WHOLE_STREAM = frozenset({"residual_rotated"})  # facts of passes that edit the whole residual stream
 
 
 def check_scope(module, recipe, inputs: tuple) -> None:
-    """Raise RecipeError when `recipe` has a whole-stream pass and this graph holds only part of the stream."""
+    """Raise RecipeError when this graph's attention reads a KV cache, or when `recipe` has a
+    whole-stream pass and this graph holds only part of the stream."""
+    cg = capture(module, inputs)
+    cache = cache_reason(cg)
+    if cache is not None:
+        raise RecipeError(
+            f"recipe {recipe.name!r} at compile time: {cache}, and one graph cannot show what wrote the cache, "
+            "so no rotation of the values or keys can be proven; nothing was changed. Call the model with "
+            f"use_cache=False, or run fxquant.quantize(model, {recipe.name!r}) first and compile the quantized "
+            "model (generate() works there)")
     steps = [s.name for s in recipe.pipeline_steps() if s.info.provides & WHOLE_STREAM]
-    if not steps:
-        return
-    reason = split_reason(capture(module, inputs))
+    reason = split_reason(cg) if steps else None
     if reason is not None:
         raise RecipeError(
             f"recipe {recipe.name!r}: pass '{steps[0]}' (R1) rotates the whole residual stream, but {reason}, "
             "so dynamo split the model (a graph break) and R1 could only be half-applied; nothing was changed. "
             "Remove the graph break (TORCH_LOGS=graph_breaks shows where it is), or run "
             f"fxquant.quantize(model, {recipe.name!r}) first and compile the quantized model")
+
+
+def cache_reason(cg) -> str | None:
+    """Which attention reads keys or values concatenated onto others (a KV cache: a graph input, or at
+    the first step the empty tensor transformers starts a cache with), or None."""
+    for node in cg.graph.nodes:
+        if classify(node) is not OpClass.ATTENTION:
+            continue
+        for operand in node.args[1:3]:
+            producer, _ = trace_views_back(operand)
+            if producer.target is torch.ops.aten.cat.default:
+                return f"attention '{cg.module_of(node)}' reads a KV cache ('{producer.name}' joins past and new tokens)"
+    return None
 
 
 def split_reason(cg) -> str | None:
