@@ -13,7 +13,7 @@ SCRIPT = r"""
 const T0 = performance.now();
 const D = JSON.parse(document.getElementById("fxq-data").textContent);
 const S = D.strings, F = D.flags, T_PARSE = performance.now();
-const INLINE_MAX = 6, ROW = 62, GAP = 22;
+const INLINE_MAX = 6, ROW = 62, GAP = 16;
 const CHAINS = {norm: "norm -> readers", vo: "v -> o (per head)", mlp: "up/gate -> down", stream: "residual add"};
 const st = {step: D.steps.length - 1, side: "after", open: new Set(), sel: -1};
 const cache = new Map();
@@ -56,13 +56,13 @@ function model(k) {  // everything the page derives from one step's rows, built 
 
 function items(m, G) {  // the members of group G: nodes, inlined small children, boxes for the rest
   const out = [], of = new Map(), reps = new Map();
-  const take = (item, nodes) => { item.id = out.length; item.order = Math.min(...nodes); out.push(item); nodes.forEach((i) => of.set(i, item.id)); };
+  const take = (item, nodes) => { item.id = out.length; item.order = least(nodes); out.push(item); nodes.forEach((i) => of.set(i, item.id)); };
   (function collect(P) {
     for (const i of m.own.get(P) || []) take({kind: "node", i}, [i]);
     for (const C of m.kids.get(P) || []) {
       const nodes = m.under.get(C) || [], r = m.rep.get(C);
       if (r && C !== G) {
-        if (reps.has(r)) { const it = out[reps.get(r)]; nodes.forEach((i) => of.set(i, it.id)); it.order = Math.min(it.order, ...nodes); continue; }
+        if (reps.has(r)) { const it = out[reps.get(r)]; nodes.forEach((i) => of.set(i, it.id)); it.order = Math.min(it.order, least(nodes)); continue; }
         take({kind: "repeat", path: r.rep, info: r, size: (m.under.get(r.rep) || []).length}, nodes); reps.set(r, out.length - 1);
       } else if (!(m.own.get(C) || []).length || (nodes.length <= INLINE_MAX && !hasRepeat(m, C))) collect(C);
       else take({kind: "group", path: C, size: nodes.length}, nodes);
@@ -74,6 +74,7 @@ function items(m, G) {  // the members of group G: nodes, inlined small children
   for (const [i, id] of of) of.set(i, remap.get(id));
   return {items: out, of};
 }
+const least = (xs) => xs.reduce((a, b) => (b < a ? b : a), Infinity);  // Math.min(...xs) overflows the stack on big groups
 const hasRepeat = (m, C) => [...m.rep.keys()].some((b) => b.startsWith(C + "."));
 
 function graph(m, G) {  // items plus stubs for inputs from and outputs to outside G, and the edges
@@ -82,18 +83,14 @@ function graph(m, G) {  // items plus stubs for inputs from and outputs to outsi
     if (!stubs.has(key)) { stubs.set(key, it.length); it.push({kind: "stub", label, order, id: it.length}); }
     return stubs.get(key);
   };
-  const mine = blockOf(m, G);
-  const where = (i) => {  // a node of another block is named by its block (layers.1), else by its module
-    const r = blockOf(m, m.mod[i]), b = r ? blockPath(m, m.mod[i], r) : "";
-    return near(G, r && !(mine && (G + ".").startsWith(b + ".")) ? b : m.mod[i]);
-  };
+  const where = (i) => near(G, m.mod[i]);  // input_layernorm from self_attn, layers.1.input_layernorm from layers.0
   for (const [i, v] of of) {
     for (const a of m.N[i][3]) {
       if (!m.drawn[a]) continue;
       const u = of.has(a) ? of.get(a) : stub("in " + where(a), `from ${where(a)} (${short(S[m.N[a][1]])})`, a);
       if (u !== v) edges.add(u + "," + v);
     }
-    for (const u of m.users[i]) if (m.drawn[u] && !of.has(u)) edges.add(v + "," + stub("out " + where(u), `to ${where(u)} (${short(S[m.N[u][1]])})`, u));
+    for (const u of m.users[i]) if (m.drawn[u] && !of.has(u)) edges.add(v + "," + stub("out " + where(u), `to ${where(u)}`, u));
   }
   return {items: it, of, edges: [...edges].map((e) => e.split(",").map(Number))};
 }
@@ -180,7 +177,7 @@ function kindOf(op, f) {
 function near(G, p) {  // p without the module path it shares with G: input_layernorm seen from self_attn
   const a = G.split("."), b = p.split(".");
   let k = 0; while (k < a.length && k < b.length - 1 && a[k] === b[k]) k++;
-  if (k > 0 && k === b.length - 1 && /^\d+$/.test(b[k])) k--;  // layers.1, not 1
+  if (k > 0 && /^\d+$/.test(b[k])) k--;  // layers.1.input_layernorm, not 1.input_layernorm
   return b.slice(k).join(".") || "(root)";
 }
 const relative = (G, p) => (G && p.startsWith(G + ".") ? p.slice(G.length + 1) : p) || "(root)";
@@ -229,13 +226,13 @@ function section(m, G, title) {  // one group: header, its layout, then the sect
   const g = graph(m, G), info = blockOf(m, G);
   const note = info && info.count > 1 ? `<span class=note>showing ${esc(G)}; ${info.count} blocks have this graph: ${esc(info.label)}</span>` : "";
   el.innerHTML = `<div class=ghead><b>${esc(title)}</b><span class=note>${(m.under.get(G) || []).length} ops</span>${note}${G ? "<span class=x title=close>\u2715</span>" : ""}</div>`
-    + svgOf(m, G, g) + "<div class=children></div>";
-  const kids = el.querySelector(".children");
+    + "<div class=gbody>" + svgOf(m, G, g) + "<div class=children></div></div>";
+  const kids = el.querySelector(":scope > .gbody > .children");
   for (const it of g.items) if ((it.kind === "group" || it.kind === "repeat") && st.open.has(it.path))
     kids.appendChild(section(m, it.path, it.kind === "repeat" ? repeatTitle(it.info) : it.path));
   const x = el.querySelector(":scope > .ghead .x");
   if (x) x.onclick = () => { st.open.delete(G); render(); };
-  el.querySelector(":scope > svg").addEventListener("click", (e) => {
+  el.querySelector(":scope > .gbody > svg").addEventListener("click", (e) => {
     const n = e.target.closest(".node"); if (!n) return;
     if (n.dataset.path) { toggle(n.dataset.path); return; }
     if (n.dataset.i) select(Number(n.dataset.i));

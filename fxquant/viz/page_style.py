@@ -8,13 +8,13 @@ STYLE = """
 :root{--norm:#0e9f8e;--vo:#8e44ad;--mlp:#e67e22;--stream:#2c6fbb;--created:#1e9e3a;--erased:#d62828;
 --edited:#d98e04;--blocked:#c0392b;--fxq:#ffe08a;--bg:#fafafa}
 *{box-sizing:border-box}body{margin:0;font:13px/1.35 system-ui,sans-serif;color:#222;background:var(--bg);display:flex;height:100vh}
-aside{width:300px;min-width:300px;overflow:auto;border-right:1px solid #ccc;padding:8px 10px;background:#fff}
+aside{width:330px;min-width:330px;overflow:auto;border-right:1px solid #ccc;padding:8px 10px;background:#fff}
 main{flex:1;overflow:auto;padding:8px 14px}
 h1{font-size:15px;margin:2px 0 6px}h2{font-size:13px;margin:10px 0 4px}
 #search{width:100%;padding:4px 6px;font:inherit}
 #results{max-height:220px;overflow:auto;font-size:12px}#results div{cursor:pointer;padding:1px 2px;white-space:nowrap}
 #results div:hover,#steps li:hover{background:#eef}
-#steps{list-style:none;padding:0;margin:0}#steps li{cursor:pointer;padding:2px 4px;border-radius:3px;display:flex;justify-content:space-between}
+#steps{list-style:none;padding:0;margin:0}#steps li{cursor:pointer;padding:2px 4px;border-radius:3px;display:flex;justify-content:space-between;gap:6px;white-space:nowrap}
 #steps li.on{background:#dde6ff;font-weight:600}.counts{font-size:11px;color:#555;font-weight:400}
 .counts .c{color:var(--created)}.counts .e{color:var(--erased)}.counts .m{color:var(--edited)}.counts .b{color:var(--blocked)}
 #legend div{display:flex;align-items:center;gap:6px;margin:2px 0;font-size:12px}
@@ -27,7 +27,8 @@ button{font:inherit;padding:2px 8px;cursor:pointer}button.on{background:#dde6ff}
 .group{border:1px solid #c8cdd8;border-radius:5px;margin:8px 0;background:#fff}
 .group>.ghead{padding:3px 8px;background:#eef1f7;border-bottom:1px solid #c8cdd8;display:flex;gap:10px;align-items:center}
 .ghead b{font-size:13px}.ghead .x{margin-left:auto;cursor:pointer;color:#666}.ghead .note{color:#666;font-size:12px}
-.children{padding:0 0 0 14px}svg{display:block}
+.gbody{display:flex;align-items:flex-start;gap:10px;flex-wrap:wrap;padding:4px}.children{display:flex;flex-direction:column;gap:8px;flex:1;min-width:0}
+.children>.group{margin:0}svg{display:block;flex:none}
 .node rect.box{stroke:#777;stroke-width:1;rx:4}.node{cursor:pointer}.node text{font-size:11px;pointer-events:none}
 .node text.sub{fill:#555;font-size:10px}.node text.tag{fill:var(--created);font-size:10px;font-weight:600}
 .kind-op rect.box{fill:#f2f2f2}.kind-view rect.box{fill:#fbfbfb;stroke:#bbb}.kind-linear rect.box{fill:#d6e6fb}
