@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from browser import Browser, chromium_path
+from conftest import ARCHS, captured
 from fxquant.analysis.structure import Blocked
 from fxquant.api import quantize
 from fxquant.capture import capture
@@ -27,6 +28,13 @@ from fxquant.viz.html import HtmlDumper, dump
 needs_chromium = pytest.mark.skipif(chromium_path() is None, reason="no chromium on PATH (Debian: apt-get install -y chromium)")
 RECIPE = "quarot-w4a4kv4"
 BLOCK = "'#root section.group section.group'"  # JS: the opened block's section (and its opened children)
+
+
+# JS: open every box, then every box those sections show, until none is left; the number opened
+OPEN_ALL = """(() => { let n = 0; for (let round = 0; round < 10; round++) {
+  const boxes = [...document.querySelectorAll('.node[data-path]')].map(e => e.dataset.path).filter(p => !fxq.state.open.has(p));
+  if (!boxes.length) break; boxes.forEach(p => fxq.state.open.add(p)); fxq.render(); n += boxes.length; }
+  return n; })()"""
 
 
 def _data(path) -> dict:
@@ -144,6 +152,8 @@ def test_weights_a_pass_edited_are_marked(page, quarot_page):
                      ".map(e => e.dataset.path)") == ["model.layers.0.input_layernorm", "model.layers.0.self_attn",
                                                      "model.layers.0.post_attention_layernorm"]
     assert page.eval("document.querySelector('#diff .dm').textContent") == str(len(data["steps"][1]["changes"]))
+    # values changed: q/k/v/gate/up/lm_head scaled and the 5 norms set to ones (fingerprints differ)
+    assert page.eval("document.querySelector('#diff .dw').textContent") == "16"
 
 
 @needs_chromium
@@ -197,6 +207,17 @@ def test_blocked_places_are_marked_with_their_reason_and_split_the_repeat(browse
     title = page.eval("document.querySelector('.node[data-i] .mark.blocked').closest('.node').querySelector('title').textContent")
     assert "model.layers.1.self_attn.v_proj" in title and "blocked: test: this layer is refused" in title
     assert "test: this layer is refused" in page.eval("document.getElementById('blocked').textContent")
+    assert page.errors() == []
+
+
+@needs_chromium
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_group_of_every_tiny_arch_opens_without_console_errors(browser, tmp_path, arch):
+    cg, _ = captured(arch)
+    page = browser.open(dump(cg, tmp_path / f"{arch}.html"))
+    opened = page.eval(OPEN_ALL)
+    assert opened >= 3  # the block, its attention and its norms at least, each laid out
+    assert page.eval("[...document.querySelectorAll('.node[data-count]')].map(e => e.dataset.count)") == ["2"]
     assert page.errors() == []
 
 

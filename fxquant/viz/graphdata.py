@@ -246,7 +246,9 @@ def link(before: GraphRecord, after: GraphRecord) -> None:
             after.nodes[j][FLAG] |= CREATED
             after.nodes[j][ORIGIN] = after.index
     _mark_edited(before, after)
-    after.diff = {"created": _rows(after, CREATED), "erased": _rows(before, ERASED), "edited": _edited_rows(after)}
+    weights = Counter(fold_indices(t[len("param "):]) for row, t in zip(after.nodes, after.tokens) if row[FLAG] & PARAM and row[FLAG] & EDITED)
+    after.diff = {"created": _rows(after, CREATED), "erased": _rows(before, ERASED), "edited": _edited_rows(after),
+                  "weights": [[name, n] for name, n in weights.items()]}
 
 
 def _mark_edited(before: GraphRecord, after: GraphRecord) -> None:

@@ -248,7 +248,7 @@ function render() {
   root.replaceChildren(section(m, "", s.index ? `after ${s.step}` : "input graph"));
   if (st.side === "before" && st.step > 0) root.firstChild.querySelector("b").textContent = `before ${s.step} (the graph after ${D.steps[st.step - 1].step})`;
   document.querySelectorAll("#steps li").forEach((li) => li.classList.toggle("on", Number(li.dataset.k) === st.step));
-  document.querySelectorAll("#bar button").forEach((b) => b.classList.toggle("on", b.dataset.side === st.side));
+  document.querySelectorAll("#bar button").forEach((b) => { b.classList.toggle("on", b.dataset.side === st.side); b.disabled = st.step === 0; });
   $("title").textContent = `${String(s.index).padStart(2, "0")} ${s.step}`;
   $("summary").textContent = s.lines[0] || "the captured graph before any pass";
   panels(m, s);
@@ -257,8 +257,9 @@ function render() {
 function panels(m, s) {
   const list = (rows) => rows.length ? "<ul>" + rows.map(([t, c]) => `<li>${esc(t)}${c > 1 ? " \u00d7" + c : ""}</li>`).join("") + "</ul>" : "<p>none</p>";
   const dd = s.diff || {}, n = (r) => (r || []).reduce((a, x) => a + x[1], 0);
-  $("diff").innerHTML = s.index ? `<details class=panel open><summary>diff of ${esc(s.step)}: <span class=dc>${n(dd.created)}</span> created, <span class=de>${n(dd.erased)}</span> erased, <span class=dm>${n(dd.edited)}</span> edited</summary><div class=cols>`
-    + `<div><h2>created</h2>${list(dd.created || [])}</div><div><h2>erased</h2>${list(dd.erased || [])}</div><div><h2>edited (the pass's changes)</h2>${list(dd.edited || [])}</div></div></details>` : "";
+  $("diff").innerHTML = s.index ? `<details class=panel open><summary>diff of ${esc(s.step)}: <span class=dc>${n(dd.created)}</span> created, <span class=de>${n(dd.erased)}</span> erased, <span class=dm>${n(dd.edited)}</span> edited, <span class=dw>${n(dd.weights)}</span> weights changed</summary><div class=cols>`
+    + `<div><h2>created</h2>${list(dd.created || [])}</div><div><h2>erased</h2>${list(dd.erased || [])}</div><div><h2>edited (the pass's changes)</h2>${list(dd.edited || [])}</div>`
+    + `<div><h2>weights whose values changed</h2>${list(dd.weights || [])}</div></div></details>` : "";
   const bl = [...new Map(s.blocked.map((b) => [b[3] + ": " + (b[1] || "") + ": " + b[2], b])).keys()];
   $("blocked").innerHTML = bl.length ? `<details class=panel><summary>blocked (${s.blocked.length})</summary><ul>${bl.map((t) => `<li>\u26a0 ${esc(t)}</li>`).join("")}</ul></details>` : "";
   const shared = new Map(), N = m.N;
