@@ -5,6 +5,8 @@
 The pass reads the Structure (which norm feeds which linears, found from data flow), edits the
 model through the graph's links (`cg.param(ref)` is the live nn.Parameter), and returns what
 changed. The Pipeline checks that the float outputs did not move and logs one line.
+`fxquant.register_pass` makes it a recipe step: `fxquant.quantize` and the compile backend
+(`torch.compile(backend="fxquant", options={"recipe": ...})`) both run it.
 
     python examples/write_your_own_pass.py --model tiny-llama
 """
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 
+import copy
+
 import torch
 
+import fxquant
 from fxquant.capture import capture
 from fxquant.models import load_model
 from fxquant.pipeline import Change, PassResult, Pipeline, fxpass
@@ -44,13 +49,31 @@ def fold_rms_weights(cg, structure, cfg) -> PassResult:
     return PassResult(tuple(changes), tuple(blocked))
 
 
+RECIPE = {"name": "my-recipe", "passes": [{"pass": "fold_rms_weights"}, {"pass": "quantize_weights", "group_size": 32},
+                                         {"pass": "pack"}]}
+
+
+def in_a_recipe(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pass as a recipe step, run by `fxquant.quantize` and by the compile backend: the same logits."""
+    fxquant.register_pass("fold_rms_weights", fold_rms_weights)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    quantized = fxquant.lower(fxquant.quantize(copy.deepcopy(model), RECIPE), plan="rule")
+    compiled = torch.compile(copy.deepcopy(model), backend="fxquant", options={"recipe": RECIPE, "plan": "rule"})
+    with torch.no_grad():
+        return quantized(ids, use_cache=False).logits, compiled(ids, use_cache=False).logits
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--recipe", action="store_true", help="also run it in a recipe, eager and compiled")
     args = parser.parse_args(argv)
     model, _ = load_model(args.model)
-    result = Pipeline([fold_rms_weights], verify_inputs=True).run(capture(model))
+    result = Pipeline([fold_rms_weights], verify_inputs=True).run(capture(copy.deepcopy(model)))
     print(result)  # e.g. "fold_rms_weights: 7 scaled, 5 folded, 0 blocked"
+    if args.recipe:
+        eager, compiled = in_a_recipe(model)
+        print(f"in a recipe: quantize + lower and the compile backend agree to {(eager - compiled).abs().max():.1e}")
     return str(result)
 
 

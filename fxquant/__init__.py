@@ -19,14 +19,14 @@ from fxquant.errors import (
 from fxquant.ir import CapturedGraph, ParamRef
 from fxquant.lowering import lower, lowering_report
 from fxquant.pipeline import Change, PassResult, Pipeline, Step, fxpass
-from fxquant.recipes import PRESETS, Recipe, load_recipe
+from fxquant.recipes import PRESETS, Recipe, load_recipe, register_pass
 from fxquant.serialize import load, save
 from fxquant.viz.html import dump  # fxquant.dump(model_or_graph, path): the HTML page of one graph
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "apply_recipe", "explain", "lower", "lowering_report", "save", "load", "load_recipe", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
+    "quantize", "apply_recipe", "explain", "lower", "lowering_report", "save", "load", "load_recipe", "register_pass", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
     "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
     "NoHadamardError", "RecipeError", "ModelLoadError", "PassError", "qat",
 ]

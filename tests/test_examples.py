@@ -21,6 +21,13 @@ def test_write_your_own_pass_folds_every_norm_and_keeps_outputs():
     assert _load("write_your_own_pass").main(["--model", "tiny-llama"]) == "fold_rms_weights: 11 scaled, 5 folded, 0 blocked"
 
 
+def test_example_pass_runs_in_a_recipe_through_quantize_and_the_backend():
+    torch._dynamo.reset()
+    model, _ = __import__("fxquant.models", fromlist=["load_model"]).load_model("tiny-llama")
+    eager, compiled = _load("write_your_own_pass").in_a_recipe(model)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
+
+
 def test_example_pass_refuses_tied_readers_instead_of_breaking_the_model():
     from fxquant.capture import capture
     from fxquant.models import tiny_model

@@ -232,3 +232,20 @@ def test_rollback_removes_the_attention_transform_a_pass_attached(monkeypatch):
         quantize(model, "quarot-float")
     assert not any(hasattr(m, ATTR) for m in model.modules())
     assert model.config._attn_implementation == implementation
+
+
+def test_register_pass_refuses_what_a_recipe_could_not_run():
+    from fxquant.passes import PASSES
+    from fxquant.pipeline import PassResult, fxpass
+    from fxquant.recipes import register_pass
+
+    def plain(cg, structure, cfg):
+        return PassResult()
+
+    with pytest.raises(RecipeError, match="is not an @fxpass function"):
+        register_pass("plain_pass", plain)
+    with pytest.raises(RecipeError, match="'fold_norms' is already the pass 'fold_norms'"):
+        register_pass("fold_norms", fxpass()(plain))
+    with pytest.raises(RecipeError, match="config must be a frozen dataclass"):
+        register_pass("plain_pass", fxpass()(plain), config=dict)
+    assert "plain_pass" not in PASSES

@@ -155,6 +155,28 @@ def _read_file(path: Path) -> dict:
     return data
 
 
+def register_pass(key: str, fn, config=None) -> None:
+    """Make your own @fxpass function a recipe step named `key` (with a frozen dataclass `config`, or
+    None when it takes none): `fxquant.quantize` and the compile backend then run it like any other.
+
+    Example::
+
+        fxquant.register_pass("fold_rms_weights", fold_rms_weights)
+        fxquant.quantize(model, {"passes": [{"pass": "fold_rms_weights"}]})
+    """
+    if not isinstance(key, str) or not key.isidentifier():
+        raise RecipeError(f"register_pass: the key must be an identifier, got {key!r}")
+    if not hasattr(fn, "fxpass"):
+        raise RecipeError(f"register_pass({key!r}): {getattr(fn, '__name__', fn)!r} is not an @fxpass function; "
+                          "decorate it with @fxpass(requires=..., provides=..., invalidates=...)")
+    if config is not None and not (dataclasses.is_dataclass(config) and isinstance(config, type)
+                                   and config.__dataclass_params__.frozen):
+        raise RecipeError(f"register_pass({key!r}): config must be a frozen dataclass class or None")
+    if key in PASSES and PASSES[key] != (fn, config):
+        raise RecipeError(f"register_pass: {key!r} is already the pass {PASSES[key][0].__name__!r}; choose another key")
+    PASSES[key] = (fn, config)
+
+
 def _from_dict(data: dict, name: str | None = None) -> Recipe:
     if "preset" in data and "passes" in data:
         raise RecipeError("a recipe gives either 'preset' or 'passes', not both")
