@@ -4,7 +4,8 @@ Entry points: `HtmlDumper(path)`, a dumper the Pipeline hands each `DumpSnapshot
 dump_dir="run.html")`, `FXQUANT_DUMP=run.html`, `fxquant dump`), and `dump(model_or_graph, path)` for
 one graph. The one idea: Python does the reading (rows, diff, chains, identical blocks:
 `graphdata`, `repeats`) and writes it as one inline JSON blob; the page's own script
-(`page_script`, no library, no network) lays out a group only when it is opened. The page is
+(`page_layout`, `page_model`, `page_script`: no library, no network) lays out a group only when it
+is opened. The page is
 rewritten after every step, so a run that fails still leaves the steps before the failure.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from fxquant.capture import capture
 from fxquant.ir import CapturedGraph
 from fxquant.pipeline import DumpSnapshot
 from fxquant.viz.graphdata import FLAGS, Strings, graph_record, link
+from fxquant.viz.page_layout import LAYOUT
+from fxquant.viz.page_model import MODEL
 from fxquant.viz.page_script import SCRIPT
 from fxquant.viz.page_style import STYLE
 from fxquant.viz.repeats import repeat_classes
@@ -83,7 +86,8 @@ def page(data: dict) -> str:
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(data['title'])}</title>"
             f"<style>{STYLE}</style></head><body>\n"
-            f"<script type=application/json id=fxq-data>{blob}</script>\n<script>{SCRIPT}</script>\n</body></html>\n")
+            f"<script type=application/json id=fxq-data>{blob}</script>\n"
+            f"<script>\n\"use strict\";{LAYOUT}{MODEL}{SCRIPT}</script>\n</body></html>\n")
 
 
 def dump(model_or_graph, path: str | os.PathLike, *, title: str | None = None) -> Path:
