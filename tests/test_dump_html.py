@@ -17,7 +17,7 @@ import torch
 from browser import Browser, chromium_path
 from conftest import ARCHS, captured
 from fxquant.analysis.structure import Blocked
-from fxquant.api import quantize
+from fxquant.api import apply_recipe, quantize
 from fxquant.capture import capture
 from fxquant.errors import RecipeError
 from fxquant.models import tiny_model
@@ -237,6 +237,12 @@ def test_dump_dir_chooses_text_html_or_both(tmp_path, monkeypatch):
     monkeypatch.setenv("FXQUANT_DUMP_FORMAT", "both")
     quantize(tiny_model("llama"), recipe, dump_dir=tmp_path / "both")
     assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["00_input.txt", "01_fold_norms.txt", "dump.html"]
+    monkeypatch.setenv("FXQUANT_DUMP_FORMAT", "html")
+    quantize(tiny_model("llama"), recipe, dump_dir=tmp_path / "page")
+    assert [p.name for p in (tmp_path / "page").iterdir()] == ["dump.html"]
+    monkeypatch.setenv("FXQUANT_DUMP", str(tmp_path / "env.html"))  # a .html target is the page, whatever the format
+    apply_recipe(tiny_model("llama"), recipe)
+    assert [s["step"] for s in _data(tmp_path / "env.html")["steps"]] == ["input", "fold_norms"]
     monkeypatch.setenv("FXQUANT_DUMP_FORMAT", "svg")
     with pytest.raises(RecipeError, match=r"FXQUANT_DUMP_FORMAT='svg' is not one of \['text', 'html', 'both'\]"):
         quantize(tiny_model("llama"), recipe, dump_dir=tmp_path / "bad")
@@ -249,6 +255,8 @@ def test_cli_dump_writes_the_page(tmp_path, capsys):
     assert main(["dump", "--model", "tiny-llama", "--recipe", "rotate-r1r2", "--out", str(out)]) == 0
     assert [s["step"] for s in _data(out)["steps"]][-1] == "rotate_vo"
     assert out.resolve().as_uri() in capsys.readouterr().out
+    assert main(["dump", "--model", "tiny-qwen2", "--out", str(tmp_path / "graph.html")]) == 0  # no recipe: the graph
+    assert [s["step"] for s in _data(tmp_path / "graph.html")["steps"]] == ["input"]
     assert main(["dump", "--model", "tiny-llama", "--out", str(tmp_path / "x.txt")]) == 2
 
 
