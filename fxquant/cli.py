@@ -105,8 +105,11 @@ def _recipes(args) -> int:
 
 
 def _dump(args) -> int:
-    """Quantize in memory with the recipe, dumping every step into one HTML page (no recipe: the graph alone)."""
-    from fxquant.api import quantize
+    """Apply the recipe in memory, dumping every step into one HTML page (no recipe: the graph alone); prints
+    the pass table as `quantize` does. The page goes where FXQUANT_DUMP points, set for this run only."""
+    import os
+
+    from fxquant.api import apply_recipe
     from fxquant.errors import RecipeError
     from fxquant.models import load_model
     from fxquant.recipes import recipe_with
@@ -116,11 +119,19 @@ def _dump(args) -> int:
         raise RecipeError(f"--out {args.out!r} must name an .html file")
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    if args.recipe:
-        recipe = recipe_with(args.recipe, _fields(args.set))
-        quantize(model, recipe, _calibration(tokenizer, args.calibration, args.model, model), dump_dir=args.out)
-    else:
+    if not args.recipe:
         dump(model, args.out)
+    else:
+        recipe, before = recipe_with(args.recipe, _fields(args.set)), os.environ.get("FXQUANT_DUMP")
+        os.environ["FXQUANT_DUMP"] = args.out
+        try:
+            result = apply_recipe(model, recipe, _calibration(tokenizer, args.calibration, args.model, model), progress=True)
+        finally:
+            if before is None:
+                del os.environ["FXQUANT_DUMP"]
+            else:
+                os.environ["FXQUANT_DUMP"] = before
+        _print_result(result)
     size = Path(args.out).stat().st_size / 2 ** 10
     print(f"dump: {Path(args.out).resolve().as_uri()} ({size:.0f} KiB, {time.perf_counter() - start:.1f} s); "
           "open it in a browser, offline")

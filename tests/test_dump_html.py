@@ -248,13 +248,18 @@ def test_dump_dir_chooses_text_html_or_both(tmp_path, monkeypatch):
         quantize(tiny_model("llama"), recipe, dump_dir=tmp_path / "bad")
 
 
-def test_cli_dump_writes_the_page(tmp_path, capsys):
+def test_cli_dump_writes_the_page(tmp_path, capsys, monkeypatch):
+    import os
+
     from fxquant.cli import main
 
+    monkeypatch.delenv("FXQUANT_DUMP", raising=False)
     out = tmp_path / "cli.html"
     assert main(["dump", "--model", "tiny-llama", "--recipe", "rotate-r1r2", "--out", str(out)]) == 0
     assert [s["step"] for s in _data(out)["steps"]][-1] == "rotate_vo"
-    assert out.resolve().as_uri() in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.resolve().as_uri() in printed and re.search(r"^rotate_vo +2 rotated", printed, re.M)  # the pass table
+    assert "FXQUANT_DUMP" not in os.environ  # set for the run only
     assert main(["dump", "--model", "tiny-qwen2", "--out", str(tmp_path / "graph.html")]) == 0  # no recipe: the graph
     assert [s["step"] for s in _data(tmp_path / "graph.html")["steps"]] == ["input"]
     assert main(["dump", "--model", "tiny-llama", "--out", str(tmp_path / "x.txt")]) == 2
