@@ -123,6 +123,13 @@ def test_chains_have_one_colour_per_class(page, quarot_page):
     mlp = page.eval("[...document.querySelectorAll('#root .node[data-i]')].filter(e => e.querySelector('.chain-mlp'))"
                     ".map(e => e.querySelector('.sub').textContent)")
     assert sorted(mlp) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
+    # after pack analysis reads no linears; the last chains it found stay, matched by module path, and the page says so
+    data = _data(quarot_page)
+    _show(page, _step(data, "pack"), "model.layers.0", "model.layers.0.mlp")
+    mlp = page.eval("[...document.querySelectorAll('#root .node[data-i]')].filter(e => e.querySelector('.chain-mlp'))"
+                    ".map(e => e.querySelector('text').textContent + ' ' + e.querySelector('.sub').textContent)")
+    assert sorted(mlp) == ["quantized_linear down_proj", "quantized_linear gate_proj", "quantized_linear up_proj"]
+    assert "matched by module path" in page.eval("document.getElementById('pulled').textContent")
 
 
 @needs_chromium

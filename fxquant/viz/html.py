@@ -58,14 +58,15 @@ class HtmlDumper:
         self.path.write_text(page(self.data()), encoding="utf-8")
 
     def _structure(self, snapshot: DumpSnapshot):
-        """This graph's analysis when it finds chains; else the last one that did (matched by module)."""
+        """This graph's analysis, unless it finds fewer chains than an earlier step's (quantized linears are
+        not linears to analysis): then that one's, matched by module path, with a note saying so."""
         try:
             structure = analyse(snapshot.cg)
         except Exception as exc:  # a dump must never fail the run it records
             structure, why = None, f"analysis failed here ({type(exc).__name__}: {exc})"
         else:
-            why = "analysis finds no chains in this graph"
-        if structure is not None and (structure.vo_chains or structure.mlp_chains or structure.stream.groups):
+            why = "analysis finds fewer chains in this graph"
+        if structure is not None and (self._last is None or _chain_count(structure) >= _chain_count(self._last[0])):
             self._last = (structure, snapshot.step)
             return structure, ""
         if self._last is None:
@@ -79,6 +80,11 @@ class HtmlDumper:
                   "repeats": r.repeats if r.repeats is not None else repeat_classes(r)} for r in self.records]
         return {"title": self.title or "fxquant dump", "strings": self.strings.items, "flags": FLAGS,
                 "steps": steps, "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _chain_count(s) -> int:
+    """What the page colours: v -> o and MLP chains, and the linears that read a norm."""
+    return len(s.vo_chains) + len(s.mlp_chains) + sum(len(g.readers) for g in s.stream.groups)
 
 
 def page(data: dict) -> str:
