@@ -130,6 +130,9 @@ def test_chains_have_one_colour_per_class(page, quarot_page):
                     ".map(e => e.querySelector('text').textContent + ' ' + e.querySelector('.sub').textContent)")
     assert sorted(mlp) == ["quantized_linear down_proj", "quantized_linear gate_proj", "quantized_linear up_proj"]
     assert "matched by module path" in page.eval("document.getElementById('pulled').textContent")
+    stream = page.eval(f"[...document.querySelectorAll({BLOCK} + ' .node[data-i]')].filter(e => e.querySelector('.chain-stream'))"
+                       ".map(e => e.querySelector('text').textContent)")
+    assert stream == ["add", "add"]  # the residual adds come from this graph's own analysis
 
 
 @needs_chromium

@@ -59,10 +59,10 @@ class GraphRecord:
     repeats: dict | None = None  # repeat_classes, kept once the next step is linked (flags then final)
 
 
-def graph_record(snapshot, strings: Strings, structure, own: bool = True) -> GraphRecord:
-    """Rows for every node of `snapshot.cg`, the analysis chains of `structure` (None: none found; `own`:
-    analysed from this very graph, else an earlier step's, matched by module) and the step's changes
-    and blocked places."""
+def graph_record(snapshot, strings: Strings, chains=None, current=None) -> GraphRecord:
+    """Rows for every node of `snapshot.cg`; the chains of the Structure `chains` (this graph's analysis
+    `current`, or an earlier step's, then matched by module path); the residual adds of `current`;
+    the step's changes and blocked places."""
     cg = snapshot.cg
     nodes = list(cg.gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
@@ -82,9 +82,11 @@ def graph_record(snapshot, strings: Strings, structure, own: bool = True) -> Gra
     _mark_shared(record, nodes, pos)
     if snapshot.result is not None:
         record.changes = [[c.kind, c.target, c.detail] for c in snapshot.result.changes]
-    _add_structure(record, structure, {n.name: i for i, n in enumerate(nodes)} if own else None)
+    names = {n.name: i for i, n in enumerate(nodes)}
+    _add_chains(record, chains, names if chains is current else {})
+    _add_stream(record, current, names)
     for item in getattr(snapshot.result, "blocked", ()):
-        _add_blocked(record, item, {n.name: i for i, n in enumerate(nodes)}, snapshot.step)
+        _add_blocked(record, item, names, snapshot.step)
     return record
 
 
@@ -182,14 +184,13 @@ def _members(record: GraphRecord, module: str, name: str | None, names: dict) ->
     return readers or own[-1:]
 
 
-def _add_structure(record: GraphRecord, structure, names: dict | None) -> None:
+def _add_chains(record: GraphRecord, structure, names: dict) -> None:
     """Chains as `[class, label, detail, node indices(, roles)]`: norm -> readers, v -> o (roles: which node
-    is v, which o, and per KV head the query heads reading it), up/gate -> down,
-    and, when `names` (node name -> row) says the analysis ran on this graph, the residual adds and
-    the analysis's Blocked places."""
+    is v, which o, and per KV head the query heads reading it), up/gate -> down. `names` (node name ->
+    row) is empty when the structure is an earlier graph's: its sites are then found by module."""
     if structure is None:
         return
-    pick = (lambda site: _members(record, site.module, site.node, names or {}))
+    pick = (lambda site: _members(record, site.module, site.node, names))
     for g in structure.stream.groups:
         norm = g.norm
         nodes = [i for i, m in enumerate(record.modules) if norm and m == norm.module and not record.nodes[i][FLAG] & (PARAM | HIDDEN)]
@@ -207,11 +208,17 @@ def _add_structure(record: GraphRecord, structure, names: dict | None) -> None:
         sites = [c.up] + ([c.gate] if c.gate else []) + [c.down]
         record.chains.append(["mlp", f"{c.up.module} -> {c.down.module.rsplit('.', 1)[-1]}",
                               f"{'gated ' if c.gate else ''}{c.act}, commutes: {c.commutes}", [i for s in sites for i in pick(s)]])
-    if names is not None:
-        adds = [names[a] for a in structure.stream.adds if a in names]
-        record.chains.append(["stream", "residual stream", f"width {structure.stream.width}", adds])
-        for b in structure.blocked if record.index == 0 else ():  # later graphs hold ops analysis is not for
-            _add_blocked(record, b, names, "analysis")
+
+
+def _add_stream(record: GraphRecord, current, names: dict) -> None:
+    """The residual adds this graph's analysis found and, on the input graph, its Blocked places (later
+    graphs hold ops analysis is not meant for: quantized linears, online Hadamards)."""
+    if current is None:
+        return
+    adds = [names[a] for a in current.stream.adds if a in names]
+    record.chains.append(["stream", "residual stream", f"width {current.stream.width}", adds])
+    for b in current.blocked if record.index == 0 else ():
+        _add_blocked(record, b, names, "analysis")
 
 
 def _add_blocked(record: GraphRecord, item, names: dict, source: str) -> None:

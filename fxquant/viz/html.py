@@ -47,8 +47,8 @@ class HtmlDumper:
     def __call__(self, snapshot: DumpSnapshot) -> None:
         if self.title is None:
             self.title = f"fxquant dump: {type(snapshot.cg.model).__name__}"
-        structure, note = self._structure(snapshot)
-        record = graph_record(snapshot, self.strings, structure, own=not note)
+        chains, current, note = self._structure(snapshot)
+        record = graph_record(snapshot, self.strings, chains, current)
         record.note = note
         if self.records:
             link(self.records[-1], record)
@@ -58,8 +58,9 @@ class HtmlDumper:
         self.path.write_text(page(self.data()), encoding="utf-8")
 
     def _structure(self, snapshot: DumpSnapshot):
-        """This graph's analysis, unless it finds fewer chains than an earlier step's (quantized linears are
-        not linears to analysis): then that one's, matched by module path, with a note saying so."""
+        """(chains, current, note): this graph's analysis `current`, whose chains the page shows unless it finds
+        fewer than an earlier step's (quantized linears are not linears to analysis): then that step's,
+        matched by module path, with a note saying so."""
         try:
             structure = analyse(snapshot.cg)
         except Exception as exc:  # a dump must never fail the run it records
@@ -68,10 +69,10 @@ class HtmlDumper:
             why = "analysis finds fewer chains in this graph"
         if structure is not None and (self._last is None or _chain_count(structure) >= _chain_count(self._last[0])):
             self._last = (structure, snapshot.step)
-            return structure, ""
+            return structure, structure, ""
         if self._last is None:
-            return None, why
-        return self._last[0], f"{why}; chains shown as step '{self._last[1]}' found them, matched by module path"
+            return None, structure, why
+        return self._last[0], structure, f"{why}; chains shown as step '{self._last[1]}' found them, matched by module path"
 
     def data(self) -> dict:
         """What the page reads: the string table, the flag bits and one entry per step."""
