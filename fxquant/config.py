@@ -220,6 +220,14 @@ CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, We
                                               KVQuantConfig, SmoothQuantConfig, AWQConfig, CLEConfig, GPTQConfig)}
 
 
+def register_config(cls) -> None:
+    """Allow a user's frozen config class in recipes and saved directories (the `_type` allow-list)."""
+    known = CONFIG_TYPES.get(cls.__name__)
+    if known is not None and known is not cls:
+        raise RecipeError(f"a config type named {cls.__name__!r} is already registered ({known.__module__}); rename yours")
+    CONFIG_TYPES[cls.__name__] = cls
+
+
 def config_fields(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 

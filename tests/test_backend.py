@@ -165,7 +165,15 @@ def test_compiled_lowered_model_generates_the_eager_tokens():
     assert all("reused" in r.recipe[0] for r in reports[1:]), [r.recipe for r in reports]
 
 
-def test_recipe_on_attention_reading_a_kv_cache_is_refused():
+def test_weight_only_recipe_at_compile_time_generates_the_eager_tokens():
+    recipe = {"preset": "w4a16", "group_size": 32}
+    expected = _eager_lowered("llama", recipe).generate(IDS, max_new_tokens=4, do_sample=False)
+    model = tiny_model("llama")
+    model.forward = torch.compile(model.forward, backend="fxquant", options={"recipe": recipe, "plan": "rule"})
+    assert torch.equal(model.generate(IDS, max_new_tokens=4, do_sample=False), expected)
+
+
+def test_recipe_rotating_attention_that_reads_a_kv_cache_is_refused():
     model = tiny_model("llama")
     model.forward = torch.compile(model.forward, backend="fxquant", options={"recipe": "rotate-r1r2", "plan": "rule"})
     with pytest.raises(Exception, match="reads a KV cache .* use_cache=False, or run fxquant.quantize"):

@@ -249,3 +249,27 @@ def test_register_pass_refuses_what_a_recipe_could_not_run():
     with pytest.raises(RecipeError, match="config must be a frozen dataclass"):
         register_pass("plain_pass", fxpass()(plain), config=dict)
     assert "plain_pass" not in PASSES
+
+
+def test_registered_pass_with_its_own_config_round_trips_through_a_recipe_dict():
+    import dataclasses
+
+    from fxquant.passes import PASSES
+    from fxquant.pipeline import PassResult, fxpass
+    from fxquant.recipes import register_pass
+
+    @dataclasses.dataclass(frozen=True)
+    class NudgeConfig:
+        amount: float = 0.5
+
+    @fxpass()
+    def nudge(cg, structure, cfg):
+        return PassResult()
+
+    register_pass("nudge", nudge, NudgeConfig)
+    try:
+        recipe = load_recipe({"passes": [{"pass": "nudge", "amount": 0.25}]})
+        assert recipe.to_dict() == {"name": "custom", "passes": [{"pass": "nudge", "amount": 0.25}]}
+        assert load_recipe(recipe.to_dict()) == recipe
+    finally:
+        del PASSES["nudge"]

@@ -25,10 +25,11 @@ from fxquant.backend import reuse
 from fxquant.backend.graph_pass import FxquantGraphPass, pending
 from fxquant.backend.modules import raise_graph
 from fxquant.backend.report import CompileReport, collect, explain, publish
-from fxquant.backend.scope import check_scope
-from fxquant.errors import CalibrationError, RecipeError
+from fxquant.backend.scope import cache_refusal, check_scope
+from fxquant.errors import CalibrationError, RecipeError, UnsupportedPatternError
 from fxquant.lowering import PLANS, lower, lowering_report
 from fxquant.recipes import load_recipe
+from fxquant.runtime.kernels.define import inline_kernels
 
 __all__ = ["fxquant_backend", "BackendOptions", "CompileReport", "collect", "explain"]
 _GRAPHS = itertools.count()
@@ -85,7 +86,8 @@ def fxquant_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     lowering = lowering_report(raised.module).summary() if opts.lower else ""
     graph_pass = FxquantGraphPass({"lower": opts.lower})
     patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_pre_pass": graph_pass if opts.lower else None}
-    compiled = compile_fx(raised.module, list(inputs), config_patches=patches)
+    with inline_kernels():  # inductor sees each kernel's aten ops: no Python custom op per call
+        compiled = compile_fx(raised.module, list(inputs), config_patches=patches)
     publish(CompileReport(graph, len(example_inputs) - len(inputs), raised.linears, raised.attentions,
                           recipe_log, lowering, dict(pending(raised.module.graph)) if opts.lower else {},
                           dict(graph_pass.counts), raised.left))
@@ -94,10 +96,15 @@ def fxquant_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
 
 def _apply(module, opts: BackendOptions, inputs: tuple) -> tuple[str, ...]:
     """The recipe on the raised tree (its own copies of the weights), refused when it needs
-    calibration data or more of the model than this graph holds."""
+    calibration data or more of the model than this graph holds (a graph break, a KV cache)."""
     check_scope(module, opts.recipe, inputs)
     try:
         result = apply_on_inputs(module, opts.recipe, inputs, verify=opts.verify)
+    except UnsupportedPatternError as exc:
+        refusal = cache_refusal(module, opts.recipe, inputs, exc)
+        if refusal is None:
+            raise
+        raise refusal from exc
     except CalibrationError as exc:
         raise RecipeError(
             f"recipe {opts.recipe.name!r} measures activations on calibration data, and the compile backend never "

@@ -5,8 +5,9 @@ per stretch between graph breaks, and each is compiled alone. R1 edits the embed
 and every reader of the residual stream together; done on the stretch before a break and not on the
 stretch after it, the model would be silently wrong. So before any pass runs, a recipe with a
 whole-stream pass is refused unless this graph starts the stream at the embedding and keeps it inside.
-Likewise a graph whose attention reads a KV cache (past keys and values enter as graph inputs)
-cannot prove what wrote them, so a recipe is refused there: quantize first, then compile, to generate.
+Likewise a graph whose attention reads a KV cache cannot show what wrote the cached keys and
+values, so no rotation through attention is provable there: when the analysis refuses such a
+graph, `cache_refusal` says so and what to do (quantize first, then compile, to generate).
 """
 from __future__ import annotations
 
@@ -23,24 +24,28 @@ WHOLE_STREAM = frozenset({"residual_rotated"})  # facts of passes that edit the 
 
 
 def check_scope(module, recipe, inputs: tuple) -> None:
-    """Raise RecipeError when this graph's attention reads a KV cache, or when `recipe` has a
-    whole-stream pass and this graph holds only part of the stream."""
-    cg = capture(module, inputs)
-    cache = cache_reason(cg)
-    if cache is not None:
-        raise RecipeError(
-            f"recipe {recipe.name!r} at compile time: {cache}, and one graph cannot show what wrote the cache, "
-            "so no rotation of the values or keys can be proven; nothing was changed. Call the model with "
-            f"use_cache=False, or run fxquant.quantize(model, {recipe.name!r}) first and compile the quantized "
-            "model (generate() works there)")
+    """Raise RecipeError when `recipe` has a whole-stream pass and this graph holds only part of the stream."""
     steps = [s.name for s in recipe.pipeline_steps() if s.info.provides & WHOLE_STREAM]
-    reason = split_reason(cg) if steps else None
+    reason = split_reason(capture(module, inputs)) if steps else None
     if reason is not None:
         raise RecipeError(
             f"recipe {recipe.name!r}: pass '{steps[0]}' (R1) rotates the whole residual stream, but {reason}, "
             "so dynamo split the model (a graph break) and R1 could only be half-applied; nothing was changed. "
             "Remove the graph break (TORCH_LOGS=graph_breaks shows where it is), or run "
             f"fxquant.quantize(model, {recipe.name!r}) first and compile the quantized model")
+
+
+def cache_refusal(module, recipe, inputs: tuple, exc: Exception) -> RecipeError | None:
+    """The refusal to raise instead of the analysis's `exc` when this graph's attention reads a KV
+    cache (what the analysis could not prove is then the cache), or None."""
+    cache = cache_reason(capture(module, inputs))
+    if cache is None:
+        return None
+    return RecipeError(
+        f"recipe {recipe.name!r} at compile time: {cache}, and one graph cannot show what wrote the cache, so no "
+        "rotation through attention can be proven; nothing of your model was changed. Call the model with "
+        f"use_cache=False, or run fxquant.quantize(model, {recipe.name!r}) first and compile the quantized model "
+        f"(generate() works there). The analysis said: {str(exc).splitlines()[0]}")
 
 
 def cache_reason(cg) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from fxquant.config import config_fields, config_from_dict, config_to_dict
+from fxquant.config import config_fields, config_from_dict, config_to_dict, register_config
 from fxquant.errors import RecipeError
 from fxquant.passes import PASSES
 from fxquant.pipeline import Step
@@ -174,6 +174,8 @@ def register_pass(key: str, fn, config=None) -> None:
         raise RecipeError(f"register_pass({key!r}): config must be a frozen dataclass class or None")
     if key in PASSES and PASSES[key] != (fn, config):
         raise RecipeError(f"register_pass: {key!r} is already the pass {PASSES[key][0].__name__!r}; choose another key")
+    if config is not None:
+        register_config(config)  # so the recipe saves with the model and loads back
     PASSES[key] = (fn, config)
 
 

@@ -83,4 +83,4 @@ def _int4_tinygemm_fake(x, weight, scale_zeros, group_size, bias):
     return x.new_empty(*x.shape[:-1], scale_zeros.shape[1])
 
 
-int4_tinygemm = define("fxquant::int4_tinygemm", _int4_tinygemm, _int4_tinygemm_fake)
+int4_tinygemm = define("fxquant::int4_tinygemm", _int4_tinygemm, _int4_tinygemm_fake, inline=True)

@@ -52,4 +52,4 @@ def _int8_weight_mm_fake(x, weight, scales, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-int8_weight_mm = define("fxquant::int8_weight_mm", _int8_weight_mm, _int8_weight_mm_fake)
+int8_weight_mm = define("fxquant::int8_weight_mm", _int8_weight_mm, _int8_weight_mm_fake, inline=True)

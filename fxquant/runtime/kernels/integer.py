@@ -103,5 +103,5 @@ def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
-int_mm_linear = define("fxquant::int_mm_linear", _int_mm_linear, _int_mm_linear_fake)
-float_codes_linear = define("fxquant::float_codes_linear", _float_codes_linear, _float_codes_linear_fake)
+int_mm_linear = define("fxquant::int_mm_linear", _int_mm_linear, _int_mm_linear_fake, inline=True)
+float_codes_linear = define("fxquant::float_codes_linear", _float_codes_linear, _float_codes_linear_fake, inline=True)
