@@ -157,7 +157,8 @@ def numbered_blocks(modules) -> set[str]:
 
 def _mark_shared(record: GraphRecord, nodes, pos) -> None:
     """Shared inputs: nodes outside every block read by several blocks (rotary tables, masks), and the
-    nodes only they depend on; the page lists them apart instead of drawing a fan of long edges."""
+    nodes outside blocks they depend on (position ids); the page lists them apart instead of drawing
+    a fan of long edges into every block."""
     numbered = numbered_blocks(record.modules)
     blocks = [block_of(m, numbered) for m in record.modules]
     seeds = [n for n in nodes if blocks[pos[n]] is None and n.op == "call_function"
