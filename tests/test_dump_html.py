@@ -36,6 +36,14 @@ OPEN_ALL = """(() => { let n = 0; for (let round = 0; round < 10; round++) {
   if (!boxes.length) break; boxes.forEach(p => fxq.state.open.add(p)); fxq.render(); n += boxes.length; }
   return n; })()"""
 
+# JS: pairs of nodes in one row of one section's layout whose boxes overlap
+OVERLAPS = """[...document.querySelectorAll('svg')].flatMap(svg => {
+  const boxes = [...svg.querySelectorAll(':scope > .node')].map(g => {
+    const [x, y] = g.getAttribute('transform').match(/[-\\d.]+/g).map(Number);
+    return [x, y, +g.querySelector('rect.box').getAttribute('width'), g.textContent]; });
+  return boxes.flatMap((a, i) => boxes.slice(i + 1).filter(b => a[1] === b[1] && a[0] < b[0] + b[2] && b[0] < a[0] + a[2])
+    .map(b => a[3] + ' / ' + b[3])); })"""
+
 
 def _data(path) -> dict:
     text = path.read_text()
@@ -227,6 +235,7 @@ def test_every_group_of_every_tiny_arch_opens_without_console_errors(browser, tm
     page = browser.open(dump(cg, tmp_path / f"{arch}.html"))
     opened = page.eval(OPEN_ALL)
     assert opened >= 3  # the block, its attention and its norms at least, each laid out
+    assert page.eval(OVERLAPS) == []  # within a layer of any section, boxes keep apart
     assert page.eval("[...document.querySelectorAll('.node[data-count]')].map(e => e.dataset.count)") == ["2"]
     assert page.errors() == []
 
