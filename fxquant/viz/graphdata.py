@@ -129,9 +129,8 @@ def fingerprints(cg) -> dict[str, tuple[float, float]]:
             t = cg.param(ref).detach().reshape(-1)
         except AttributeError:  # a parameter the model no longer holds (replaced by packed codes)
             continue
-        if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int32):
-            t = t.double()
-            out[str(ref)] = (float(t.sum()), float(t[::7].sum()))
+        if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int32):  # accumulate in float64, no copy
+            out[str(ref)] = (float(t.sum(dtype=torch.float64)), float(t[::7].sum(dtype=torch.float64)))
     return out
 
 
