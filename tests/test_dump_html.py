@@ -150,12 +150,14 @@ def test_inserted_ops_are_highlighted_with_the_pass_name_and_match_its_changes(p
     data = _data(quarot_page)
     k = _step(data, step)
     _show(page, k, "model.layers.0", "model.layers.0.self_attn", "model.layers.0.mlp")
-    created = page.eval("[...document.querySelectorAll('#root .node.created')].map(e => [e.querySelector('text').textContent, "
+    created = page.eval("[...document.querySelectorAll('#root .node.created[data-i]')].map(e => [e.querySelector('text').textContent, "
                         "e.querySelector('.tag').textContent])")
     assert created == [[op, "+" + step]] * per_block
     blocks = page.eval("+document.querySelector('.node[data-count]').dataset.count")
     assert per_block * blocks == len(data["steps"][k]["changes"])
     assert page.eval("document.querySelector('#diff .dc').textContent") == str(per_block * blocks)
+    # the boxes that hold what the step created are outlined too: the way to the new ops from the top
+    assert page.eval("[...document.querySelectorAll('.node.created[data-count]')].length") == 1
 
 
 @needs_chromium
@@ -178,11 +180,13 @@ def test_weights_a_pass_edited_are_marked(page, quarot_page):
 def test_before_and_after_show_erased_and_created_nodes(page, quarot_page):
     k = _step(_data(quarot_page), "pack")
     _show(page, k, "model.layers.0", "model.layers.0.mlp", side="before")
-    erased = page.eval("[...document.querySelectorAll('#root .node.erased')].map(e => e.querySelector('.sub').textContent)")
+    erased = page.eval("[...document.querySelectorAll('#root .node.erased[data-i]')].map(e => e.querySelector('.sub').textContent)")
     assert sorted(erased) == ["down_proj", "gate_proj", "up_proj"]  # aten.linear, replaced by packed ones
     _show(page, k, "model.layers.0", "model.layers.0.mlp", side="after")
     assert page.eval("document.querySelectorAll('#root .node.erased').length") == 0
-    assert page.eval("[...document.querySelectorAll('#root .node.created text')].filter(e => !e.classList.length)"
+    assert page.eval("[...document.querySelectorAll('#root .node.created[data-path]')].map(e => e.dataset.path)") == \
+        ["model.layers.0", "model.layers.0.self_attn", "model.layers.0.mlp"]  # the boxes holding the packed linears
+    assert page.eval("[...document.querySelectorAll('#root .node.created[data-i] text')].filter(e => !e.classList.length)"
                      ".map(e => e.textContent)") == ["quantized_linear"] * 3
     assert page.errors() == []
 

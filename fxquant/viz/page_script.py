@@ -28,9 +28,11 @@ function describe(m, G, item) {  // an item's label lines, classes, marks and he
   if (item.kind === "stub") return {lines: [item.label], cls: "kind-stub", h: 20};
   if (item.kind !== "node") {
     const nodes = m.under.get(item.path) || [], flags = nodes.reduce((f, i) => f | m.N[i][5], 0);
-    const repeat = item.kind === "repeat";
+    const repeat = item.kind === "repeat", changed = st.side === "after" ? has(flags, "created") && " created"
+      : has(flags, "erased") && " erased";  // a box outlines what this step did inside it, so a reader knows where to look
     return {lines: [repeat ? repeatTitle(item.info) : relative(G, item.path), `${item.size} ops${repeat ? " each" : ""}, open`],
-            cls: "kind-" + item.kind + (st.open.has(item.path) ? " open" : ""), chains: chainClasses(m, nodes), flags, h: 36};
+            cls: "kind-" + item.kind + (st.open.has(item.path) ? " open" : "") + (changed || ""), chains: chainClasses(m, nodes),
+            flags, h: 36};
   }
   const r = m.N[item.i], op = S[r[1]], f = r[5], inserted = r[6] > 0;
   const chips = new Set(r[3].map((a) => (has(m.N[a][5], "param") ? "W" : has(m.N[a][5], "shared") ? "S" : "")).filter(Boolean));
@@ -240,8 +242,8 @@ function sidebar() {  // the steps with their counts, the legend, the before/aft
     + sw("background:#d6e6fb", "linear / embedding") + sw("background:var(--fxq)", "fxquant op (hadamard, fake_quant, quantized_linear)")
     + sw("background:#e9dcf5", "attention") + sw("background:#f2f2f2", "other aten op") + sw("background:#fbfbfb", "view / cast")
     + sw("background:#e4f3e4", "graph input / output") + sw("background:#e3e9f7", "group (click to open); \u00d7N: N identical blocks")
-    + sw("border:2px solid var(--created)", "inserted by a pass (+name); thick: by this step")
-    + sw("border:2px dashed var(--erased)", "erased by this step (before view)")
+    + sw("border:2px solid var(--created)", "inserted by a pass (+name); thick: by this step, or a box holding such ops")
+    + sw("border:2px dashed var(--erased)", "erased by this step (before view), or a box holding such ops")
     + `<div><b style="color:var(--edited)">\u270e</b> weight edited by this step \u00a0 `
     + `<b style="color:var(--blocked)">\u26a0</b> blocked (hover: reason)</div>`
     + `<div>chips: W reads a parameter, S reads a shared input</div>`

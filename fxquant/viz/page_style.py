@@ -35,7 +35,7 @@ button{font:inherit;padding:2px 8px;cursor:pointer}button.on{background:#dde6ff}
 .kind-attn rect.box{fill:#e9dcf5}.kind-fxq rect.box{fill:var(--fxq)}.kind-io rect.box{fill:#e4f3e4}
 .kind-group rect.box{fill:#eef1f7;stroke:#5a6b8c;stroke-width:1.5}.kind-repeat rect.box{fill:#e3e9f7;stroke:#2c3e66;stroke-width:2}
 .kind-stub rect.box{fill:#fff;stroke:#aaa;stroke-dasharray:3 2}.kind-stub text{fill:#666}
-.open rect.box{stroke:#1f4fbf;stroke-width:2.5}
+.open rect.box{stroke:#1f4fbf;stroke-width:2.5;fill:#d5e1ff}
 .stripe.chain-norm{fill:var(--norm)}.stripe.chain-vo{fill:var(--vo)}.stripe.chain-mlp{fill:var(--mlp)}.stripe.chain-stream{fill:var(--stream)}
 .inserted rect.box{stroke:var(--created);stroke-width:1.5}.created rect.box{stroke:var(--created);stroke-width:3}
 .erased rect.box{stroke:var(--erased);stroke-width:3;stroke-dasharray:5 3}.erased text{text-decoration:line-through}
