@@ -74,6 +74,17 @@ def test_quantized_model_compiles_to_the_eager_lowered_numerics_with_its_kernels
                for m in model.modules()), "the user's model must not be lowered by compiling it"
 
 
+def test_quantized_but_unpacked_model_is_packed_and_lowered_inside_the_backend():
+    recipe = {"passes": [{"pass": "quantize_weights", "bits": 4, "symmetric": False, "group_size": 32}]}  # no pack
+    model = tiny_model("llama")
+    fxquant.quantize(model, recipe)
+    with collect() as reports:
+        out = _logits(model, plan="rule")
+    _close(out, _logits(_eager_lowered("llama", recipe)))
+    assert "14 x int4 asym float-zero group 32 linear: int4 tinygemm" in reports[0].lowering
+    assert all(type(m) is not fxquant.lowering.QuantizedLinear for m in model.modules())  # the user's: untouched
+
+
 def test_quarot_attention_ops_go_through_the_inductor_pass():
     model = tiny_model("llama")
     fxquant.quantize(model, {"preset": "quarot-w4a4kv4", "group_size": 32})

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from fxquant.quant import records
 from fxquant.quant.format import QuantFormat
 from fxquant.runtime.attention import GraphAttention
 from fxquant.runtime.hooks import INPUT_SCALE, ActivationFakeQuant, InputScale, OnlineHadamard
@@ -246,6 +247,9 @@ def _linear_module(node, tree, weights) -> torch.nn.Module | None:
     torch.nn.Module.__init__(layer)
     layer.out_features, layer.in_features = weight.shape
     layer.weight, layer.bias = weight, bias
+    record = records.recorded_tensor(weight)  # quantized but not packed: `lower` packs it from these codes
+    if record is not None:
+        records.record(layer, "weight", *record)
     return layer
 
 

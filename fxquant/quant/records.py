@@ -34,6 +34,15 @@ def recorded(module: torch.nn.Module) -> Mapping[str, Record]:
     return _NONE if entries is None else MappingProxyType(entries)
 
 
+def recorded_tensor(tensor: torch.Tensor, name: str = "weight") -> Record | None:
+    """The record of whichever module holds `tensor` as its recorded `name` (the compile backend
+    rebuilds modules around a model's tensors and finds their codes by the tensor), or None."""
+    for module, entries in list(_RECORDS.items()):
+        if name in entries and getattr(module, name, None) is tensor:
+            return entries[name]
+    return None
+
+
 def forget(module: torch.nn.Module) -> None:
     """Drop `module`'s records (its weights were packed, or are float again)."""
     _RECORDS.pop(module, None)
