@@ -26,7 +26,7 @@ from fxquant.viz.html import dump  # fxquant.dump(model_or_graph, path): the HTM
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "apply_recipe", "explain", "lower", "lowering_report", "save", "load", "load_recipe", "register_pass", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
+    "quantize", "apply_recipe", "explain", "dump", "lower", "lowering_report", "save", "load", "load_recipe", "register_pass", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
     "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
     "NoHadamardError", "RecipeError", "ModelLoadError", "PassError", "qat",
 ]
