@@ -91,7 +91,7 @@ def fxquant_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     publish(CompileReport(graph, len(example_inputs) - len(inputs), raised.linears, raised.attentions,
                           recipe_log, lowering, dict(pending(raised.module.graph)) if opts.lower else {},
                           dict(graph_pass.counts), raised.left))
-    return _UserInputs(compiled, raised.user_positions)
+    return _UserInputs(compiled, raised)
 
 
 def _apply(module, opts: BackendOptions, inputs: tuple) -> tuple[str, ...]:
@@ -120,10 +120,11 @@ def _concrete(inputs: tuple) -> tuple:
 
 
 class _UserInputs:
-    """The compiled tree, called with dynamo's inputs: the weights it owns are dropped from them."""
+    """The compiled tree, called with dynamo's inputs: the weights it owns are dropped from them.
+    It keeps the raised tree alive, so a later graph of the same model can reuse it."""
 
-    def __init__(self, compiled, positions: tuple[int, ...]):
-        self.compiled, self.positions = compiled, positions
+    def __init__(self, compiled, raised):
+        self.compiled, self.positions, self.tree = compiled, raised.user_positions, raised.module
 
     def __call__(self, *args):
         return self.compiled(*(args[i] for i in self.positions))
