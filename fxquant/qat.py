@@ -62,6 +62,10 @@ def prepare(model: torch.nn.Module, recipe, calibration=None) -> torch.nn.Module
     if blocked:
         raise RecipeError(f"qat.prepare: step {blocked[0]!r} writes final weights from calibration data and "
                           "cannot be trained through; use quantize_weights (round to nearest) in a QAT recipe")
+    if any(key == "quantize_lm_head" for key, _ in recipe.steps):
+        raise RecipeError("qat.prepare: step 'quantize_lm_head' rounds the output layer for good, and training would "
+                          "move it off its codes (convert could not pack it); train without it, then apply "
+                          "quantize_lm_head to the converted model")
     weights = [cfg for key, cfg in recipe.steps if key == "quantize_weights"]
     if len(weights) > 1:
         raise RecipeError("qat.prepare: the recipe quantizes weights more than once; keep one quantize_weights step")

@@ -34,7 +34,8 @@ def quantize_weights(cg, structure, cfg: WeightQuantConfig | None) -> PassResult
     return PassResult(tuple(changes))
 
 
-@fxpass(invalidates={"outputs", "weights_float"}, provides={"lm_head_quantized"}, check=check_group_size)
+@fxpass(invalidates={"outputs", "weights_float"}, provides={"lm_head_quantized", "weights_quantized"},
+        check=check_group_size)
 def quantize_lm_head(cg, structure, cfg: WeightQuantConfig | None) -> PassResult:
     """Fake-quantize the output layer's weight (round to nearest), untied from a tied embedding first."""
     cfg = cfg or WeightQuantConfig()

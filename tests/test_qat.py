@@ -69,3 +69,11 @@ def test_generate_runs_on_a_prepared_model_and_recipes_that_cannot_train_are_ref
     with pytest.raises(RecipeError, match="group_size=128 does not divide"):
         prepare(untouched, "rotate-r1r2-w4a16")
     assert prepared_modules(untouched) == [] and torch.equal(untouched.lm_head.weight, tiny_model("llama").lm_head.weight)
+
+
+def test_prepare_refuses_quantize_lm_head_which_training_would_move_off_its_codes():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match="'quantize_lm_head' rounds the output layer for good"):
+        prepare(model, {"preset": "w4a16-lm-head", "group_size": 32})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

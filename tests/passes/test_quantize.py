@@ -141,3 +141,12 @@ def test_quantize_lm_head_unties_a_tied_output_layer_and_leaves_the_embedding_fl
     fxquant.save(model, tmp_path)
     with torch.no_grad():
         assert torch.equal(fxquant.load(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_a_recipe_may_quantize_only_the_output_layer_and_pack_it():
+    from fxquant.runtime.linear import QuantizedLinear
+
+    model = tiny_model("llama")
+    quantize(model, {"passes": [{"pass": "quantize_lm_head", "bits": 4, "symmetric": False, "group_size": 32},
+                                {"pass": "pack"}]})
+    assert [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)] == ["lm_head"]
