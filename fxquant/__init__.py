@@ -12,6 +12,7 @@ from fxquant import qat  # fxquant.qat.prepare / fxquant.qat.convert
 from fxquant.analysis import Blocked, Structure, analyse
 from fxquant.api import apply_recipe, quantize
 from fxquant.backend import explain
+from fxquant.calibration import Calibration
 from fxquant.capture import capture
 from fxquant.errors import (
     CalibrationError, CaptureError, FxquantError, ModelLoadError, NoHadamardError, PassError, RecipeError, UnsupportedPatternError,
@@ -26,7 +27,7 @@ from fxquant.viz.html import dump  # fxquant.dump(model_or_graph, path): the HTM
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "apply_recipe", "explain", "dump", "lower", "lowering_report", "save", "load", "load_recipe", "register_pass", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
+    "quantize", "apply_recipe", "Calibration", "explain", "dump", "lower", "lowering_report", "save", "load", "load_recipe", "register_pass", "Recipe", "PRESETS", "CalibrationError", "capture", "analyse", "Pipeline", "Step", "fxpass", "Change", "PassResult", "Structure", "Blocked",
     "CapturedGraph", "ParamRef", "FxquantError", "CaptureError", "UnsupportedPatternError",
     "NoHadamardError", "RecipeError", "ModelLoadError", "PassError", "qat",
 ]

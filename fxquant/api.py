@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable
 
 import torch
 
+from fxquant.calibration import calibration_batches
 from fxquant.capture import capture, is_causal_lm
-from fxquant.errors import CalibrationError, RecipeError
+from fxquant.errors import RecipeError
 from fxquant.pipeline import Pipeline, PipelineResult
 from fxquant.quant import records
 from fxquant.runtime.linear import QuantizedLinear
@@ -39,6 +39,10 @@ def quantize(model: torch.nn.Module, recipe, calibration=None, *, verify: bool =
              rollback: bool = True, dump_dir: str | os.PathLike | None = None) -> torch.nn.Module:
     """Apply `recipe` (preset name, dict, TOML/YAML path) to `model` in place and return it.
 
+    `calibration`: token ids ([n, seq] or a list of them), input dicts, or text with a tokenizer, as
+    `fxquant.Calibration(data, batch_size=, tokenizer=, seq_len=, windows=)` says; however it is
+    batched, the passes see the same sequences in batches of `batch_size` (default 1), so their
+    result and cost do not depend on the batching (fxquant.calibration).
     `rollback=False` skips the snapshot (a host-memory copy of every weight) that restores the
     model when a pass fails: for models too large to copy, at the price of a half-edited model on error.
     `dump_dir` (or env FXQUANT_DUMP) receives `NN_<step>.txt` graph dumps, the input and one per pass;
@@ -121,21 +125,6 @@ def tolerance(model: torch.nn.Module) -> float:
     return max(TOLERANCE, 4 * torch.finfo(dtype).eps)
 
 
-def calibration_batches(calibration) -> list[dict]:
-    """Normalise calibration data to a list of model-input dicts; raise CalibrationError when malformed.
-
-    Accepts None, a LongTensor [n, seq] (one batch of n sequences), or an iterable of LongTensors
-    ([seq] or [b, seq]) or of dicts of model inputs (each with `input_ids`).
-    """
-    if calibration is None:
-        return []
-    items = [calibration] if isinstance(calibration, torch.Tensor) else calibration
-    if isinstance(items, dict) or not isinstance(items, Iterable):
-        raise CalibrationError(f"calibration must be a LongTensor [n, seq] or an iterable of tensors or input "
-                               f"dicts, not {type(calibration).__name__}")
-    return [_batch(i, item) for i, item in enumerate(items)]
-
-
 def _example(model, batches: list[dict], given):
     """What a model is captured with: given inputs, else default token ids for a transformers causal
     LM, else the first calibration sequence."""
@@ -147,24 +136,6 @@ def _example(model, batches: list[dict], given):
 def _first_row(batch: dict) -> dict:
     """One sequence of a calibration batch: the example a plain PyTorch model is captured with."""
     return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
-
-
-def _batch(index: int, item) -> dict:
-    if isinstance(item, dict):
-        ids = item.get("input_ids")
-        if not isinstance(ids, torch.Tensor):
-            raise CalibrationError(f"calibration[{index}] is a dict without an 'input_ids' tensor")
-        return {**item, "input_ids": _ids(index, ids)}
-    if isinstance(item, torch.Tensor):
-        return {"input_ids": _ids(index, item)}
-    raise CalibrationError(f"calibration[{index}] is a {type(item).__name__}, not a tensor or an input dict")
-
-
-def _ids(index: int, ids: torch.Tensor) -> torch.Tensor:
-    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2) or ids.numel() == 0:
-        raise CalibrationError(f"calibration[{index}]: token ids must be a non-empty integer tensor [seq] or "
-                               f"[batch, seq], got {ids.dtype} of shape {tuple(ids.shape)}")
-    return ids.long().reshape(1, -1) if ids.dim() == 1 else ids.long()
 
 
 def _slots(module: torch.nn.Module) -> tuple[str, ...]:

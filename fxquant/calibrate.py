@@ -187,12 +187,15 @@ def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: 
     """Run `block` on its calls once and observe modules by path: per-channel stats (`stats_of`:
     (path, "in") for a module's first input, (path, "out") for its output), first inputs
     themselves (`inputs_of`, a list per path) and whole calls with outputs (`calls_of`, a list of
-    (Call, output) per path). `each_input` maps a path to a function called with each first input
+    (Call, output) per path; a dict {path: tokens} keeps only the first calls holding that many
+    tokens, so what a search holds is bounded by its budget, not by the data). `each_input` maps a path to a function called with each first input
     (a running statistic that must not hold every input, GPTQ's Hessian). `keep_outputs`: the
     caller's edits will not change what the block computes (an exact fold), so these outputs become
     the next block's inputs without a re-run."""
     stats, inputs, calls = {}, {p: [] for p in inputs_of}, {p: [] for p in calls_of}
     stats_of, each_input = set(stats_of), dict(each_input or {})
+    budget = dict(calls_of) if isinstance(calls_of, dict) else {}
+    held = dict.fromkeys(calls, 0)
 
     def seen(path, args, kwargs, out):
         x = args[0] if args else next(iter(kwargs.values()))
@@ -205,8 +208,9 @@ def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: 
             inputs[path].append(x.detach())
         if path in each_input:
             each_input[path](x.detach())
-        if path in calls:
+        if path in calls and (budget.get(path) is None or held[path] < budget[path]):
             calls[path].append((Call(args, kwargs), out))
+            held[path] += x.numel() // x.shape[-1]
 
     paths = {p for p, _ in stats_of} | set(inputs_of) | set(calls_of) | set(each_input)
     handles = _hooks(block.module, _relative(block.path, paths), lambda p, *a: seen(_absolute(block.path, p), *a))

@@ -39,9 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a field in every pass that has it, e.g. --set group_size=64 --set seed=3")
     q.add_argument("--eval-windows", type=int, default=0,
                    help="also measure perplexity before and after on this many eval windows (0: skip)")
-    q.add_argument("--calibration", type=int, default=32, metavar="N",
-                   help="calibrated passes (AWQ, SmoothQuant) see the first N windows of 512 tokens of the default "
-                        "text, never the eval windows (default 32)")
+    _calibration_flags(q)
     q.add_argument("--out", default=None, help="save the result here (fxquant.save: safetensors + JSON, "
                                                "plus the tokenizer); `fxquant eval --model DIR` loads it")
     q.set_defaults(run=_quantize)
@@ -56,8 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument("--recipe", default=None, help="quantize in memory with this preset or recipe file first, "
                                                    "and print perplexity before -> after")
-    ev.add_argument("--calibration", type=int, default=32, metavar="N",
-                    help="with --recipe: calibration windows for calibrated passes (default 32)")
+    _calibration_flags(ev)
     ev.add_argument("--no-lower", action="store_true", help="evaluate the packed model on its reference ops "
                                                             "instead of lowering it to kernels first")
     ev.set_defaults(run=_eval)
@@ -69,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (for timing)")
     gen.add_argument("--recipe", default=None, help="quantize in memory with this preset or recipe file first")
     gen.add_argument("--no-lower", action="store_true", help="run the reference ops instead of the kernels")
+    _calibration_flags(gen)
     gen.set_defaults(run=_generate)
     dmp = sub.add_parser("dump", help="write one self-contained HTML page: the graph before and after every pass")
     dmp.add_argument("--model", required=True, help="smollm2, a local HF dir or .gguf file, or tiny-ARCH")
@@ -76,8 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                                                     "the captured graph and its analysis alone)")
     dmp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a field in every pass that has it, as for quantize")
-    dmp.add_argument("--calibration", type=int, default=32, metavar="N",
-                     help="calibrated passes see the first N windows of the default text (default 32)")
+    _calibration_flags(dmp)
     dmp.add_argument("--out", required=True, metavar="FILE.html", help="the page to write; open it from file://")
     dmp.set_defaults(run=_dump)
     rec = sub.add_parser("recipes", help="list the presets, or print one preset's TOML recipe file")
@@ -125,7 +122,7 @@ def _dump(args) -> int:
         recipe, before = recipe_with(args.recipe, _fields(args.set)), os.environ.get("FXQUANT_DUMP")
         os.environ["FXQUANT_DUMP"] = args.out
         try:
-            result = apply_recipe(model, recipe, _calibration(tokenizer, args.calibration, args.model, model), progress=True)
+            result = apply_recipe(model, recipe, _calibration(tokenizer, args, model), progress=True)
         finally:
             if before is None:
                 del os.environ["FXQUANT_DUMP"]
@@ -179,7 +176,7 @@ def _eval(args) -> int:
     if args.recipe:
         from fxquant.api import apply_recipe
 
-        calibration = _calibration(tokenizer, args.calibration, args.model, model)
+        calibration = _calibration(tokenizer, args, model)
         _print_result(apply_recipe(model, args.recipe, calibration, progress=True))
         _lower(model, args.no_lower)
         print(f"perplexity: {ppl:.4f} -> {perplexity(model, windows):.4f} ({args.recipe})")
@@ -211,7 +208,7 @@ def _generate(args) -> int:
     if args.recipe:
         from fxquant.api import apply_recipe
 
-        apply_recipe(model, args.recipe, _calibration(tokenizer, 32, args.model, model))
+        apply_recipe(model, args.recipe, _calibration(tokenizer, args, model))
     _lower(model, args.no_lower)
     text = args.prompt
     if args.chat:
@@ -268,7 +265,7 @@ def _quantize(args) -> int:
     model, tokenizer = load_model(args.model)
     print(f"model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - start:.1f} s")
     before = _quick_ppl(model, tokenizer, args.eval_windows)
-    _print_result(apply_recipe(model, recipe, _calibration(tokenizer, args.calibration, args.model, model), progress=True))
+    _print_result(apply_recipe(model, recipe, _calibration(tokenizer, args, model), progress=True))
     if before is not None:
         after = _quick_ppl(model, tokenizer, args.eval_windows)
         print(f"perplexity on the last {args.eval_windows} eval windows: {before:.3f} -> {after:.3f}")
@@ -311,22 +308,41 @@ def _fields(pairs: list[str]) -> dict:
     return out
 
 
-def _calibration(tokenizer, n: int, spec: str, model):
-    """The first `n` windows of the default text, one batch each. A tiny random model has no
-    tokenizer: it gets `n` seeded random windows of 64 ids (a demo, not a calibration)."""
+def _calibration_flags(parser) -> None:
+    """The calibration flags every command that may run a calibrated recipe shares."""
+    parser.add_argument("--calibration-windows", "--calibration", dest="calibration", type=int, default=32,
+                        metavar="N", help="calibrated passes (AWQ, SmoothQuant, GPTQ) see N windows: the first N of "
+                                          "the default text (never the eval windows), or of --calibration-file (default 32)")
+    parser.add_argument("--calibration-seq", type=int, default=512, metavar="LEN",
+                        help="tokens per calibration window (default 512)")
+    parser.add_argument("--calibration-file", default=None, metavar="PATH",
+                        help="calibrate on this text file instead of the default text, cut into windows")
+
+
+def _calibration(tokenizer, args, model):
+    """The calibration windows the flags ask for, one per batch, with a line saying what they are.
+    A tiny random model has no tokenizer: it gets seeded random windows of 64 ids (a demo)."""
     import torch
 
+    n, seq, path = args.calibration, args.calibration_seq, args.calibration_file
     if n <= 0:
         return None
     if tokenizer is None:
-        if not spec.startswith("tiny-"):
+        if not args.model.startswith("tiny-"):
             return None
         print(f"calibration: {n} random windows of 64 ids (a tiny random model has no tokenizer)")
         ids = torch.randint(0, model.config.vocab_size, (n, 64), generator=torch.Generator().manual_seed(0))
         return [w[None] for w in ids]
+    if path is not None:
+        from fxquant.calibration import Calibration, calibration_batches
+
+        batches = calibration_batches(Calibration(path, tokenizer=tokenizer, seq_len=seq, windows=n))
+        print(f"calibration data (for calibrated passes): {len(batches)} windows of {seq} tokens from {path}")
+        return batches
     from fxquant.eval import calibration_windows, default_tokens
 
-    return [w[None] for w in calibration_windows(default_tokens(tokenizer), n)]
+    print(f"calibration data (for calibrated passes): the first {n} windows of {seq} tokens of the default text")
+    return [w[None] for w in calibration_windows(default_tokens(tokenizer), n, seq_len=seq)]
 
 
 def _quick_ppl(model, tokenizer, n: int):

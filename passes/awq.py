@@ -113,7 +113,7 @@ def awq_scale(cg, structure, cfg: AWQConfig | None) -> PassResult:
     where, changes = dict(chosen), []
     for block, here in sweep(cg, list(where)):
         stats, _, calls = observe(block, stats_of={where[g] for g in here},
-                                  calls_of={enclosing(g) for g in here}, keep_outputs=True)
+                                  calls_of={enclosing(g): cfg.search_tokens for g in here}, keep_outputs=True)
         found = [(g, *search_scale(cg, g, reduce_columns(stats[where[g]].abs_mean.double(), g, "mean"),
                                    calls[enclosing(g)], cfg)) for g in here]
         for g, s, how in found:  # every search saw the float block: fold only after all of them

@@ -22,6 +22,7 @@ RANK = {
     "fxquant.runtime": 1,
     # 2: the op table, capture and the sources of models, data and checks
     "fxquant.ops": 2, "fxquant.capture": 2, "fxquant.models": 2, "fxquant.eval": 2, "fxquant.verify": 2,
+    "fxquant.calibration": 2,
     # 3: pure analysis
     "fxquant.analysis": 3,
     # 4: the engine passes stand on: pipeline, configs, calibration, equalization and quantization libraries

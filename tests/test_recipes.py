@@ -104,20 +104,25 @@ def test_blocked_stream_is_refused_naming_the_module_before_any_weight_moves():
     assert _same(model, state)
 
 
-def test_calibration_forms():
+def test_calibration_forms_become_single_sequences_then_batches_of_batch_size():
+    from fxquant.calibration import Calibration
+
     ids = torch.randint(0, 10, (3, 8))
-    assert [b["input_ids"].shape for b in calibration_batches(ids)] == [(3, 8)]
-    assert [b["input_ids"].shape for b in calibration_batches([ids[0], ids])] == [(1, 8), (3, 8)]
-    assert calibration_batches([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])[0].keys() == {
-        "input_ids", "attention_mask"}
+    assert [b["input_ids"].shape for b in calibration_batches(ids)] == [(1, 8)] * 3
+    assert [b["input_ids"].shape for b in calibration_batches([ids[0], ids])] == [(1, 8)] * 4
+    assert [b["input_ids"].shape for b in calibration_batches(Calibration([ids[0], ids], batch_size=3))] == [(3, 8), (1, 8)]
+    masked = calibration_batches({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert [b.keys() for b in masked] == [{"input_ids", "attention_mask"}] * 3
     assert calibration_batches(None) == []
 
 
 @pytest.mark.parametrize("bad,match", [
     (torch.randn(2, 8), r"calibration\[0\]: token ids must be a non-empty integer tensor"),
     ([{"ids": 1}], r"calibration\[0\] is a dict without an 'input_ids' tensor"),
-    (["text"], r"calibration\[0\] is a str"),
-    ({"input_ids": torch.ones(1, 2)}, "not dict"),
+    (["text"], r"calibration\[0\] is text: give fxquant.Calibration\(text, tokenizer=...\)"),
+    ({"input_ids": torch.ones(1, 2)}, r"calibration\[0\]: token ids must be a non-empty integer tensor"),
+    ([[torch.ones(1, 2, dtype=torch.long)]], r"calibration\[0\] is a nested list"),
+    (3, r"calibration\[0\] is a int: calibration takes a LongTensor"),
 ])
 def test_bad_calibration_is_refused(bad, match):
     with pytest.raises(CalibrationError, match=match):
