@@ -25,10 +25,18 @@ from fxquant.errors import CalibrationError
 
 @dataclass
 class Call:
-    """One forward call of a module: its positional and keyword arguments."""
+    """One forward call of a module: its positional and keyword arguments, and which token positions
+    are real (`mask` [batch, seq], from the batch's attention mask; None: all of them)."""
 
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` [batch, seq, ...] without its padded positions ([tokens, ...]); as it is when unmasked."""
+        if self.mask is None or tuple(x.shape[:2]) != tuple(self.mask.shape):
+            return x
+        return x[self.mask]
 
     def run(self, module: torch.nn.Module):
         return module(*self.args, **self.kwargs)
@@ -84,20 +92,29 @@ def block_sweep(model: torch.nn.Module, batches: list[dict], blocks: list[str],
 
     With no blocks, yield the whole model once, called on each batch.
     """
-    extra = _model_kwargs(model)
+    extra, masks = _model_kwargs(model), [_token_mask(b) for b in batches]
     if not blocks:
-        yield Block("", model, [Call((), {**b, **extra}) for b in batches])
+        yield Block("", model, [Call((), {**b, **extra}, m) for b, m in zip(batches, masks)])
         return
     calls = _block_inputs(model, batches, blocks, extra)
     bar = tqdm(blocks, desc="calibration", unit="block", disable=not progress, leave=False)
     for index, path in enumerate(bar):
         module = model.get_submodule(path)
-        here = [Call((hidden, *args), kwargs) for hidden, (args, kwargs) in zip(calls[0], calls[1][index])]
+        here = [Call((hidden, *args), kwargs, mask)
+                for hidden, (args, kwargs), mask in zip(calls[0], calls[1][index], masks)]
         block = Block(path, module, here)
         yield block
         outputs = block.outputs if block.outputs is not None else [call.run(module) for call in here]
         calls = ([_hidden(out, path) for out in outputs], calls[1])
     bar.close()
+
+
+def _token_mask(batch: dict) -> torch.Tensor | None:
+    """The real (not padded) token positions of a batch [batch, seq], or None when all are real."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        return None
+    return mask.bool()
 
 
 def _block_inputs(model, batches, blocks, extra):
@@ -197,25 +214,29 @@ def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: 
     budget = dict(calls_of) if isinstance(calls_of, dict) else {}
     held = dict.fromkeys(calls, 0)
 
-    def seen(path, args, kwargs, out):
+    def seen(path, args, kwargs, out):  # padded positions are never counted (running.kept)
         x = args[0] if args else next(iter(kwargs.values()))
         for key, t in (((path, "in"), x), ((path, "out"), out)):
             if key in stats_of:
                 if key not in stats:
                     stats[key] = ChannelStats(torch.zeros(t.shape[-1]), torch.zeros(t.shape[-1]))
-                stats[key].add(t)
+                stats[key].add(running.kept(t))
         if path in inputs:
-            inputs[path].append(x.detach())
+            inputs[path].append(running.kept(x.detach()))
         if path in each_input:
-            each_input[path](x.detach())
+            each_input[path](running.kept(x.detach()))
         if path in calls and (budget.get(path) is None or held[path] < budget[path]):
-            calls[path].append((Call(args, kwargs), out))
-            held[path] += x.numel() // x.shape[-1]
+            calls[path].append((Call(args, kwargs, running.mask), out))
+            held[path] += running.kept(x).numel() // x.shape[-1]
 
     paths = {p for p, _ in stats_of} | set(inputs_of) | set(calls_of) | set(each_input)
     handles = _hooks(block.module, _relative(block.path, paths), lambda p, *a: seen(_absolute(block.path, p), *a))
+    running = Call(())  # the call now running: its mask applies to what the hooks see
     try:
-        outputs = [call.run(block.module) for call in block.calls]
+        outputs = []
+        for call in block.calls:
+            running = call
+            outputs.append(call.run(block.module))
     finally:
         for h in handles:
             h.remove()

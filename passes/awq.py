@@ -75,7 +75,7 @@ def _first_tokens(calls, budget: int):
             break
         first = next(t for t in (*call.args, *call.kwargs.values()) if isinstance(t, torch.Tensor))
         out.append((call, output))
-        seen += first.numel() // first.shape[-1]
+        seen += call.kept(first).numel() // first.shape[-1]
     return out
 
 
@@ -95,8 +95,8 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
             for (p, transposed), w in zip(params, originals):
                 q = fake_quantize(canonical(w, transposed).float() * cols, cfg.format)
                 set_storage(p, canonical(q / cols, transposed).to(w.dtype).contiguous())
-            loss = sum(float(((main_tensor(call.run(module)).float() - ref) ** 2).sum())
-                       for (call, _), ref in zip(calls, reference))
+            loss = sum(float(call.kept((main_tensor(call.run(module)).float() - ref) ** 2).sum())
+                       for (call, _), ref in zip(calls, reference))  # padded positions do not count
             if loss < best[0]:
                 best = (loss, s, how)
     finally:

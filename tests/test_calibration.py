@@ -91,3 +91,24 @@ def test_cli_calibration_file_flags_give_windows_of_the_file(tmp_path, capsys):
     assert [b["input_ids"].shape for b in batches] == [(1, 16)] * 3
     assert f"3 windows of 16 tokens from {path}" in capsys.readouterr().out
     assert parser.parse_args(["--calibration", "5"]).calibration == 5  # the old spelling still works
+
+
+@pytest.mark.parametrize("preset", ["smoothquant-w8a8", "awq-w4a16", "gptq-w4a16"])
+def test_padded_positions_are_never_counted(preset):
+    """A right-padded sequence with its mask calibrates like the same sequence without the padding;
+    without the mask the padding (here: a token planted far from the others) would count."""
+    recipe = {"preset": preset, "group_size": 32} if preset != "smoothquant-w8a8" else preset
+    real = WINDOWS[:1, :10]
+    padded = torch.cat([real, torch.full((1, 6), 127)], dim=1)
+    mask = torch.cat([torch.ones(1, 10, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long)], dim=1)
+
+    def model_after(calibration):
+        return fxquant.quantize(tiny_model("llama"), recipe, calibration=calibration).state_dict()
+
+    truth, masked = model_after(real), model_after({"input_ids": padded, "attention_mask": mask})
+    counted = model_after({"input_ids": padded, "attention_mask": torch.ones_like(mask)})
+
+    def distance(a):  # over every tensor: scales, zeros and the packed codes
+        return max(float((a[k].float() - truth[k].float()).abs().max()) for k in truth)
+
+    assert distance(masked) <= 1e-5 < distance(counted)
