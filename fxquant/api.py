@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fxquant.calibration import calibration_batches
+from fxquant.calibration import calibration_batches, token_count
 from fxquant.capture import capture, is_causal_lm
 from fxquant.errors import RecipeError
 from fxquant.pipeline import Pipeline, PipelineResult
@@ -113,8 +113,10 @@ def _apply(model, recipe, calibration, run: _Run) -> PipelineResult:
         raise
     seconds = time.perf_counter() - start
     lines = [f"{line}  [{result.seconds[name]:.2f} s]" for name, line in zip(result.seconds, result.log)]
+    data = f"; calibration data: {token_count(batches)} tokens in {len(batches)} batches" if batches else ""
     log = (f"recipe {recipe}", *lines, f"applied in {seconds:.1f} s (capture {cg.capture_seconds:.1f} s, "
-                                       f"passes {sum(result.seconds.values()):.1f} s, the rest: re-captures, analysis, checks)")
+                                       f"passes {sum(result.seconds.values()):.1f} s, the rest: re-captures, analysis, "
+                                       f"checks){data}")
     return dataclasses.replace(result, log=log)
 
 

@@ -102,7 +102,8 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
     finally:
         for (p, _), w in zip(params, originals):
             set_storage(p, w)
-    return best[1], best[2]
+    used = sum(call.kept(main_tensor(out)).numel() // main_tensor(out).shape[-1] for call, out in calls)
+    return best[1], f"{best[2]}, searched on {used} tokens"
 
 
 @fxpass(requires={"weights_float"}, provides={"equalized"}, invalidates={"graph"}, check=require_calibration)
