@@ -113,7 +113,7 @@ def _apply(model, recipe, calibration, run: _Run) -> PipelineResult:
         raise
     seconds = time.perf_counter() - start
     lines = [f"{line}  [{result.seconds[name]:.2f} s]" for name, line in zip(result.seconds, result.log)]
-    data = f"; calibration data: {token_count(batches)} tokens in {len(batches)} batches" if batches else ""
+    data = f"; calibration data given: {token_count(batches)} tokens in {len(batches)} batches" if batches else ""
     log = (f"recipe {recipe}", *lines, f"applied in {seconds:.1f} s (capture {cg.capture_seconds:.1f} s, "
                                        f"passes {sum(result.seconds.values()):.1f} s, the rest: re-captures, analysis, "
                                        f"checks){data}")
