@@ -75,19 +75,19 @@ class _Run:
     dump_dir: str | os.PathLike | None = None
     example_inputs: tuple | None = None
 
-    def dumper(self):
-        """Where `dump_dir` (else env FXQUANT_DUMP) points: a `.html` path gets the one-page HTML dump, a
-        directory the text dumps `NN_<step>.txt`, plus `dump.html` when env FXQUANT_DUMP_FORMAT=both
-        (`html`: the page alone); none without either."""
+    def dumper(self, recipe=None):
+        """Where `dump_dir` (else env FXQUANT_DUMP) points: a `.html` path gets the one-page HTML dump
+        (titled with the model and `recipe`), a directory the text dumps `NN_<step>.txt`, plus
+        `dump.html` when env FXQUANT_DUMP_FORMAT=both (`html`: the page alone); none without either."""
         target = self.dump_dir or os.environ.get("FXQUANT_DUMP")
         if not target:
             return None
         if str(target).endswith(".html"):
-            return HtmlDumper(target)
+            return HtmlDumper(target, recipe=str(recipe) if recipe else None)
         form = os.environ.get("FXQUANT_DUMP_FORMAT", "text")
         if form not in ("text", "html", "both"):
             raise RecipeError(f"FXQUANT_DUMP_FORMAT={form!r} is not one of ['text', 'html', 'both']")
-        page = HtmlDumper(os.path.join(target, "dump.html"))
+        page = HtmlDumper(os.path.join(target, "dump.html"), recipe=str(recipe) if recipe else None)
         return {"text": TextDumper(target), "html": page, "both": Dumpers((TextDumper(target), page))}[form]
 
 
@@ -105,7 +105,7 @@ def _apply(model, recipe, calibration, run: _Run) -> PipelineResult:
         cg = capture(model, _example(model, batches, run.example_inputs))
         pipeline = Pipeline(recipe.pipeline_steps(), verify_inputs=True if run.verify else None,
                             rel_atol=tolerance(model), rtol=0.0, final_capture=False, progress=run.progress,
-                            calibration=tuple(batches), dumper=run.dumper())
+                            calibration=tuple(batches), dumper=run.dumper(recipe))
         result = pipeline.run(cg, facts=INITIAL_FACTS)
     except BaseException:
         if snapshot is not None:

@@ -39,14 +39,14 @@ class HtmlDumper:
         # run.html: steps input, fold_norms, rotate_residual; open it from file://
     """
 
-    def __init__(self, path: str | os.PathLike, title: str | None = None):
-        self.path, self.title = Path(path), title
+    def __init__(self, path: str | os.PathLike, title: str | None = None, recipe: str | None = None):
+        self.path, self.title, self.recipe = Path(path), title, recipe
         self.strings, self.records = Strings(), []
         self._last = None  # (structure, step index) of the last graph analysis found chains in
 
     def __call__(self, snapshot: DumpSnapshot) -> None:
         if self.title is None:
-            self.title = f"fxquant dump: {type(snapshot.cg.model).__name__}"
+            self.title = f"fxquant dump: {type(snapshot.cg.model).__name__}" + (f", {self.recipe}" if self.recipe else "")
         chains, current, note = self._structure(snapshot)
         record = graph_record(snapshot, self.strings, chains, current)
         record.note = note
