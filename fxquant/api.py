@@ -82,12 +82,13 @@ class _Run:
         target = self.dump_dir or os.environ.get("FXQUANT_DUMP")
         if not target:
             return None
+        name = str(recipe) if recipe else None
         if str(target).endswith(".html"):
-            return HtmlDumper(target, recipe=str(recipe) if recipe else None)
+            return HtmlDumper(target, recipe=name)
         form = os.environ.get("FXQUANT_DUMP_FORMAT", "text")
         if form not in ("text", "html", "both"):
             raise RecipeError(f"FXQUANT_DUMP_FORMAT={form!r} is not one of ['text', 'html', 'both']")
-        page = HtmlDumper(os.path.join(target, "dump.html"), recipe=str(recipe) if recipe else None)
+        page = HtmlDumper(os.path.join(target, "dump.html"), recipe=name)
         return {"text": TextDumper(target), "html": page, "both": Dumpers((TextDumper(target), page))}[form]
 
 

@@ -38,6 +38,10 @@ class Call:
             return x
         return x[self.mask]
 
+    def tokens(self, x: torch.Tensor) -> int:
+        """How many real token positions `x` [batch, seq, ..., channels] holds."""
+        return self.kept(x).numel() // x.shape[-1]
+
     def run(self, module: torch.nn.Module):
         return module(*self.args, **self.kwargs)
 
@@ -227,7 +231,7 @@ def observe(block: Block, stats_of=(), inputs_of=(), calls_of=(), keep_outputs: 
             each_input[path](running.kept(x.detach()))
         if path in calls and (budget.get(path) is None or held[path] < budget[path]):
             calls[path].append((Call(args, kwargs, running.mask), out))
-            held[path] += running.kept(x).numel() // x.shape[-1]
+            held[path] += running.tokens(x)
 
     paths = {p for p, _ in stats_of} | set(inputs_of) | set(calls_of) | set(each_input)
     handles = _hooks(block.module, _relative(block.path, paths), lambda p, *a: seen(_absolute(block.path, p), *a))

@@ -66,26 +66,14 @@ def _candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, cfg: AWQConfig):
             yield f"alpha {a:.2f}{' duo' if duo else ''}", s / (s.max() * s.min()).sqrt()
 
 
-def _first_tokens(calls, budget: int):
-    """The first recorded calls holding at least `budget` tokens (whole calls: attention needs whole
-    sequences). The loss of every grid point runs the enclosing module on these."""
-    out, seen = [], 0
-    for call, output in calls:
-        if seen >= budget:
-            break
-        first = next(t for t in (*call.args, *call.kwargs.values()) if isinstance(t, torch.Tensor))
-        out.append((call, output))
-        seen += call.kept(first).numel() // first.shape[-1]
-    return out
-
-
 @torch.no_grad()
 def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
-    """The grid point whose quantized readers best reproduce the enclosing module's float output."""
+    """The grid point whose quantized readers best reproduce the enclosing module's float output, on
+    `calls`: the first recorded calls holding `search_tokens` tokens (observe bounds them; whole
+    calls, as attention needs whole sequences)."""
     module = cg.model.get_submodule(enclosing(group))
     params = list({id(p): (p, r.transposed) for r in group.readers for p in [cg.param(r.weight)]}.values())
     originals = [p.detach() for p, _ in params]
-    calls = _first_tokens(calls, cfg.search_tokens)
     reference = [main_tensor(out).float() for _, out in calls]
     w_mean = weight_mean(cg, group, cfg.group_size)
     best = (float("inf"), None, "")
@@ -102,7 +90,7 @@ def search_scale(cg, group, x_mean: torch.Tensor, calls, cfg: AWQConfig):
     finally:
         for (p, _), w in zip(params, originals):
             set_storage(p, w)
-    used = sum(call.kept(main_tensor(out)).numel() // main_tensor(out).shape[-1] for call, out in calls)
+    used = sum(call.tokens(main_tensor(out)) for call, out in calls)
     return best[1], f"{best[2]}, searched on {used} tokens"
 
 

@@ -1,6 +1,6 @@
 """One recipe and one lowering per model, however many graphs dynamo makes of it.
 
-Entry points: `find(key, raised)` and `remember(key, raised, report)`, and `transplant(raised, done)`.
+Entry points: `find(key, raised)` and `remember(key, raised, graph)`, and `transplant(raised, done)`.
 The one idea: `generate` compiles a prefill graph and a decode graph (and dynamic shapes add more)
 over the same weights. The decode graph alone cannot prove the recipe (its attention reads the KV
 cache an earlier graph wrote), and lowering it again would time the kernels and build their layouts
@@ -23,27 +23,27 @@ class _Done:
     key: str
     sources: dict  # fqn -> (weakref to the user's tensor, its _version then)
     tree: weakref.ref
-    report: object
+    graph: int  # the number of the compile that built the tree (for the report)
 
 
 _DONE: list[_Done] = []
 
 
-def remember(key: str, raised: RaisedGraph, report) -> None:
+def remember(key: str, raised: RaisedGraph, graph: int) -> None:
     """Keep `raised`'s transformed tree for later graphs over the same tensors under `key`."""
     _DONE[:] = [d for d in _DONE if d.tree() is not None]
     sources = {fqn: (weakref.ref(t), t._version) for fqn, t in raised.sources.items()}
-    _DONE.append(_Done(key, sources, weakref.ref(raised.module), report))
+    _DONE.append(_Done(key, sources, weakref.ref(raised.module), graph))
 
 
 def find(key: str, raised: RaisedGraph):
-    """(tree, its report) of an earlier graph built from the very tensors `raised` reads, or None."""
+    """(tree, the number of its graph) of an earlier graph built from the very tensors `raised` reads, or None."""
     for done in reversed(_DONE):
         tree = done.tree()
         if tree is None or done.key != key or not raised.sources:
             continue
         if all(_same(done.sources.get(fqn), tensor) for fqn, tensor in raised.sources.items()) and _covers(tree, raised):
-            return tree, done.report
+            return tree, done.graph
     return None
 
 
