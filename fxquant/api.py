@@ -77,12 +77,12 @@ class _Run:
 
     def dumper(self, recipe=None):
         """Where `dump_dir` (else env FXQUANT_DUMP) points: a `.html` path gets the one-page HTML dump
-        (titled with the model and `recipe`), a directory the text dumps `NN_<step>.txt`, plus
+        (titled with the model and the name of `recipe`, a Recipe), a directory the text dumps `NN_<step>.txt`, plus
         `dump.html` when env FXQUANT_DUMP_FORMAT=both (`html`: the page alone); none without either."""
         target = self.dump_dir or os.environ.get("FXQUANT_DUMP")
         if not target:
             return None
-        name = str(recipe) if recipe else None
+        name = recipe.name if recipe else None  # the name only: the pass chain is the page's step list
         if str(target).endswith(".html"):
             return HtmlDumper(target, recipe=name)
         form = os.environ.get("FXQUANT_DUMP_FORMAT", "text")

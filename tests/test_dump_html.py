@@ -266,7 +266,7 @@ def test_dump_dir_chooses_text_html_or_both(tmp_path, monkeypatch):
     monkeypatch.setenv("FXQUANT_DUMP", str(tmp_path / "env.html"))  # a .html target is the page, whatever the format
     apply_recipe(tiny_model("llama"), recipe)
     assert [s["step"] for s in _data(tmp_path / "env.html")["steps"]] == ["input", "fold_norms"]
-    assert _data(tmp_path / "env.html")["title"] == "fxquant dump: LlamaForCausalLM, custom: fold_norms"
+    assert _data(tmp_path / "env.html")["title"] == "fxquant dump: LlamaForCausalLM, custom"
     monkeypatch.setenv("FXQUANT_DUMP_FORMAT", "svg")
     with pytest.raises(RecipeError, match=r"FXQUANT_DUMP_FORMAT='svg' is not one of \['text', 'html', 'both'\]"):
         quantize(tiny_model("llama"), recipe, dump_dir=tmp_path / "bad")
