@@ -101,28 +101,48 @@ class WeightQuantConfig(_FormatFields):
 
 @dataclass(frozen=True)
 class ActQuantConfig:
-    """Dynamic per-token activation fake-quant on every quantized linear's input."""
+    """Dynamic per-token activation fake-quant on every quantized linear's input.
+
+    Mixed precision: `rotated_input_bits` quantizes the inputs of the linears that carry an online
+    Hadamard (R4) with that many bits instead of `bits` (None: `bits`); `output_layer_bits` also
+    quantizes the output layer's input (None: it stays float, as without the field).
+    """
 
     bits: int = 8
     symmetric: bool = True
     clip_ratio: float = 1.0  # < 1 clips each token's range before rounding
+    rotated_input_bits: int | None = None
+    output_layer_bits: int | None = None
 
     def __post_init__(self):
         _one_of("ActQuantConfig", "bits", self.bits, (4, 8))
         _one_of("ActQuantConfig", "symmetric", self.symmetric, (True, False))
         _ratio("ActQuantConfig", "clip_ratio", self.clip_ratio)
+        for field in ("rotated_input_bits", "output_layer_bits"):
+            if getattr(self, field) is not None:
+                _one_of("ActQuantConfig", field, getattr(self, field), (4, 8))
 
 
 @dataclass(frozen=True)
 class KVQuantConfig:
-    """KV-cache fake-quant: keys (after R3) and values, one scale per (token, head)."""
+    """KV-cache fake-quant: keys (after R3) and values, one scale per (token, head), or per
+    (token, head, group of `kv_group_size` channels); `kv_clip_ratio` < 1 clips each row's range;
+    the first `sink_tokens` positions of the sequence (attention sinks) stay float. The `kv_`
+    prefix keeps a recipe's top-level `clip_ratio` / `group_size` override off the KV cache."""
 
     bits: int = 4
     symmetric: bool = False
+    kv_clip_ratio: float = 1.0
+    kv_group_size: int | None = None  # None: the whole head
+    sink_tokens: int = 0
 
     def __post_init__(self):
         _one_of("KVQuantConfig", "bits", self.bits, (4, 8))
         _one_of("KVQuantConfig", "symmetric", self.symmetric, (True, False))
+        _ratio("KVQuantConfig", "kv_clip_ratio", self.kv_clip_ratio)
+        if self.kv_group_size is not None:
+            _int_in("KVQuantConfig", "kv_group_size", self.kv_group_size, 1, 2 ** 20)
+        _int_in("KVQuantConfig", "sink_tokens", self.sink_tokens, 0, 2 ** 20)
 
 
 @dataclass(frozen=True)

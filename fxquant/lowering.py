@@ -228,11 +228,19 @@ def lowering_report(model: torch.nn.Module) -> LoweringReport:
         transform = getattr(module, ATTR, None)
         if isinstance(transform, AttentionTransform) and (transform.rotate_qk or transform.kv_bits is not None):
             parts = (["R3 Hadamard"] if transform.rotate_qk else []) + (
-                [f"int{transform.kv_bits} KV quantizer"] if transform.kv_bits is not None else [])
+                [_kv_what(transform)] if transform.kv_bits is not None else [])
             fast = isinstance(transform, FastAttentionTransform)
             kernel = hadamard_kernels.kernel_name(_model_device(module)) if fast else "reference ops"
             entries.append(Lowered(path, "attention " + " + ".join(parts), kernel, "" if fast else "not lowered"))
     return LoweringReport(tuple(entries))
+
+
+def _kv_what(t: AttentionTransform) -> str:
+    """`int4 KV quantizer`, with its groups, clip ratio and float sink positions when it has them."""
+    extra = ([f"groups of {t.kv_group_size}"] if t.kv_group_size is not None else []) + (
+        [f"clip {t.kv_clip_ratio:g}"] if t.kv_clip_ratio != 1.0 else []) + (
+        [f"first {t.kv_sink_tokens} positions float"] if t.kv_sink_tokens else [])
+    return f"int{t.kv_bits} KV quantizer" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _hook_entries(path: str, module: torch.nn.Module) -> list[Lowered]:

@@ -7,44 +7,81 @@ R3, when present) and values per (token, head) inside fxquant's attention implem
 
 A hook sits on the module that owns a linear only when that module's input *is* the linear's input
 (nn.Linear, GPT-2's Conv1D); a linear inside a larger module (a stacked-expert MoE block) is
-reported as blocked, never silently skipped. The output layer stays in float.
+reported as blocked, never silently skipped. The output layer stays in float unless
+`output_layer_bits` is given; the inputs an online Hadamard rotates (R4) may take their own
+`rotated_input_bits` (mixed precision). The KV quantizer may work in groups of channels within a
+head and keep the first `sink_tokens` positions (attention sinks) float.
 """
 from __future__ import annotations
 
-from fxquant.analysis.dataflow import hookable_modules, weight_sites
+from fxquant.analysis.dataflow import hookable_modules, linear_sites, shape_of
 from fxquant.analysis.structure import Blocked
 from fxquant.config import ActQuantConfig, KVQuantConfig
-from fxquant.install import install_in_attention
+from fxquant.errors import RecipeError
+from fxquant.install import attention_nodes, install_in_attention
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.runtime.hooks import ActivationFakeQuant, activation_hooks, remove_activation_hooks
+from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, activation_hooks, remove_activation_hooks
+
+
+def _bits_of(cfg: ActQuantConfig, module, is_output: bool) -> int | None:
+    """The activation bits of one linear's input: the output layer's own (None: float), those of an
+    input an online Hadamard rotates (R4) when given, else `bits`."""
+    if is_output:
+        return cfg.output_layer_bits
+    if cfg.rotated_input_bits is not None and any(isinstance(h, OnlineHadamard)
+                                                  for h in module._forward_pre_hooks.values()):
+        return cfg.rotated_input_bits
+    return cfg.bits
 
 
 @fxpass(invalidates={"outputs", "graph"}, provides={"activations_quantized"})
 def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResult:
-    """Install a per-token fake-quant hook on the input of every linear but the output layer."""
+    """Install a per-token fake-quant hook on the input of every linear but the output layer (and
+    on the output layer's when `output_layer_bits` is given)."""
     cfg = cfg or ActQuantConfig()
-    sites = weight_sites(cg)
     hookable = hookable_modules(cg)
     installed = activation_hooks(cg.model)
     changes, blocked = [], []
-    for site in sites:
+    for site, is_output in linear_sites(cg):
         module = cg.model.get_submodule(site.module)
+        bits = _bits_of(cfg, module, is_output)
+        if bits is None:  # the output layer stays float: a quantizer an earlier config put there goes
+            if remove_activation_hooks(module):
+                changes.append(Change("act-quant", site.module, "removed: the output layer stays float"))
+            continue
         if site.module not in hookable:
             blocked.append(Blocked(site.node, site.module, "linear runs inside a larger module: its input "
                                                             "cannot be quantized by a hook on the module"))
             continue
-        hook = ActivationFakeQuant(cfg.bits, cfg.symmetric, float(cfg.clip_ratio))
+        hook = ActivationFakeQuant(bits, cfg.symmetric, float(cfg.clip_ratio))
         if installed.get(site.module) == hook:
             continue
         replaced = remove_activation_hooks(module)
         module.register_forward_pre_hook(hook)
-        changes.append(Change("act-quant", site.module, f"int{cfg.bits} per token" + (" (replaced)" if replaced else "")))
+        changes.append(Change("act-quant", site.module, f"int{bits} per token" + (" (replaced)" if replaced else "")))
     return PassResult(tuple(changes), tuple(blocked))
 
 
-@fxpass(invalidates={"outputs", "graph"}, provides={"kv_quantized"})
+def check_kv_groups(cg, structure, cfg: KVQuantConfig | None) -> None:
+    """Before any pass runs: `kv_group_size` divides every attention's key and value head size."""
+    group = (cfg or KVQuantConfig()).kv_group_size
+    if group is None:
+        return
+    sizes = sorted({shape_of(arg)[-1] for node in attention_nodes(cg).values() for arg in node.args[1:3]})
+    if any(size % group for size in sizes):
+        fits = [g for g in range(1, min(sizes) + 1) if all(size % g == 0 for size in sizes)]
+        raise RecipeError(f"KVQuantConfig.kv_group_size = {group} does not divide the key/value head sizes "
+                          f"{sizes} of this model; nothing was changed. Group sizes that fit: {fits}")
+
+
+@fxpass(invalidates={"outputs", "graph"}, provides={"kv_quantized"}, check=check_kv_groups)
 def quantize_kv_cache(cg, structure, cfg: KVQuantConfig | None) -> PassResult:
-    """Fake-quantize keys (after R3, when present) and values per (token, head) as they enter attention."""
+    """Fake-quantize keys (after R3, when present) and values per (token, head) or per (token, head,
+    group) as they enter attention, the first `sink_tokens` positions left float."""
     cfg = cfg or KVQuantConfig()
-    return install_in_attention(cg, "KV", lambda node: f"int{cfg.bits} per (token, head)",
-                                kv_bits=cfg.bits, kv_symmetric=cfg.symmetric)
+    check_kv_groups(cg, structure, cfg)
+    grain = "(token, head)" if cfg.kv_group_size is None else f"(token, head, {cfg.kv_group_size} channels)"
+    sinks = f", first {cfg.sink_tokens} positions float" if cfg.sink_tokens else ""
+    return install_in_attention(cg, "KV", lambda node: f"int{cfg.bits} per {grain}{sinks}",
+                                kv_bits=cfg.bits, kv_symmetric=cfg.symmetric, kv_clip_ratio=float(cfg.kv_clip_ratio),
+                                kv_group_size=cfg.kv_group_size, kv_sink_tokens=cfg.sink_tokens)

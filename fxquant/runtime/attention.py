@@ -27,22 +27,48 @@ ATTR = "fxquant_attention"  # the attribute an attention module carries its Atte
 _SEEN = threading.local()  # module ids the implementation ran for, while a probe is recording
 
 
+def quantize_kv(x: torch.Tensor, quant, t: "AttentionTransform") -> torch.Tensor:
+    """x [batch, heads, tokens, head_dim] through the KV quantizer `quant` (fxquant::fake_quant or its
+    fast twin, one scale per row of the last dim) as `t` says: rows of `kv_group_size` channels, the
+    first `kv_sink_tokens` positions left float.
+
+        per (token, head, group):  quant over x.unflatten(-1, (d / g, g))  ==  fake_quantize with
+                                   QuantFormat(group_size=g)  (numerics: scales per group of the last dim)
+        sinks:  x_hat[..., :n, :] = x[..., :n, :]   (rows round alone, so the others are as without sinks)
+
+    The token axis holds every position the cache has seen (transformers passes the updated cache),
+    so position p of the sequence is row p in prefill and in every decode step alike."""
+    n = t.kv_sink_tokens
+    if n >= x.shape[-2]:
+        return x
+    tail = x[..., n:, :] if n else x
+    if t.kv_group_size is None:
+        out = quant(tail, t.kv_bits, t.kv_symmetric, t.kv_clip_ratio)
+    else:
+        out = quant(tail.unflatten(-1, (-1, t.kv_group_size)), t.kv_bits, t.kv_symmetric, t.kv_clip_ratio)
+        out = out.flatten(-2)
+    return torch.cat((x[..., :n, :], out), dim=-2) if n else out
+
+
 @dataclass(frozen=True)
 class AttentionTransform:
     """R3: rotate queries and keys per head by a normalized Hadamard (fxquant::hadamard); KV cache:
-    fake-quantize keys (after R3) and values per (token, head), `kv_bits` None = float."""
+    fake-quantize keys (after R3) and values per (token, head) or per (token, head, group of
+    `kv_group_size` channels), `kv_bits` None = float, the first `kv_sink_tokens` positions float."""
 
     rotate_qk: bool = False
     kv_bits: int | None = None
     kv_symmetric: bool = False
+    kv_clip_ratio: float = 1.0
+    kv_group_size: int | None = None
+    kv_sink_tokens: int = 0
 
     def apply(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
         """(q, k, v) after R3 and the KV quantizer: the reference ops (a lowered transform overrides)."""
         if self.rotate_qk:
             query, key = hadamard(query), hadamard(key)
-        if self.kv_bits is not None:  # [batch, heads, tokens, head_dim]: one scale per (token, head)
-            key = fake_quant(key, self.kv_bits, self.kv_symmetric)
-            value = fake_quant(value, self.kv_bits, self.kv_symmetric)
+        if self.kv_bits is not None:  # [batch, heads, tokens, head_dim]
+            key, value = quantize_kv(key, fake_quant, self), quantize_kv(value, fake_quant, self)
         return query, key, value
 
 

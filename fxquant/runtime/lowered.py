@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxquant.runtime.attention import AttentionTransform
+from fxquant.runtime.attention import AttentionTransform, quantize_kv
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, _floating_input
 from fxquant.runtime.kernels.hadamard import fast_hadamard
 from fxquant.runtime.kernels.linear import KERNELS
@@ -124,13 +124,16 @@ def portable_hooks(hook) -> tuple:
 
 @dataclass(frozen=True)
 class FastAttentionTransform(AttentionTransform):
-    """R3 and the KV-cache quantizer on the fast ops; the key's Hadamard and quantizer fused."""
+    """R3 and the KV-cache quantizer on the fast ops; the key's Hadamard and quantizer fused when
+    whole rows of every position are quantized (no groups, no sinks)."""
 
     def apply(self, query, key, value):
         if self.rotate_qk:
             query = fast_hadamard(query)
         if self.kv_bits is None:
             return query, (fast_hadamard(key) if self.rotate_qk else key), value
-        quant = fast_hadamard_fake_quant if self.rotate_qk else fast_fake_quant
-        return (query, quant(key, self.kv_bits, self.kv_symmetric, 1.0),
-                fast_fake_quant(value, self.kv_bits, self.kv_symmetric, 1.0))
+        if self.rotate_qk and self.kv_group_size is None and not self.kv_sink_tokens:
+            key = fast_hadamard_fake_quant(key, self.kv_bits, self.kv_symmetric, self.kv_clip_ratio)
+        else:
+            key = quantize_kv(fast_hadamard(key) if self.rotate_qk else key, fast_fake_quant, self)
+        return query, key, quantize_kv(value, fast_fake_quant, self)
