@@ -120,7 +120,8 @@ class Bench:
 
     def quantizers(self, act, kv) -> None:
         strip_quantizers(self.model)
-        _apply(self.model, [s for s in (("quantize_activations", act), ("quantize_kv_cache", kv)) if s[1]])
+        steps = [s for s in (("quantize_activations", act), ("quantize_kv_cache", kv)) if s[1]]
+        _apply(self.model, steps, [w[None] for w in self.calibration])  # for act_clip_search
 
 
 def _searched(bench: Bench, act, kv, raw: dict) -> dict:

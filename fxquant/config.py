@@ -106,6 +106,9 @@ class ActQuantConfig:
     Mixed precision: `rotated_input_bits` quantizes the inputs of the linears that carry an online
     Hadamard (R4) with that many bits instead of `bits` (None: `bits`); `output_layer_bits` also
     quantizes the output layer's input (None: it stays float, as without the field).
+    `act_clip_search`: each layer's fixed clip ratio is searched on calibration data (the pass then
+    needs it) instead of `clip_ratio` (its own name: a top-level `clip_search` override stays with
+    the weights).
     """
 
     bits: int = 8
@@ -113,11 +116,15 @@ class ActQuantConfig:
     clip_ratio: float = 1.0  # < 1 clips each token's range before rounding
     rotated_input_bits: int | None = None
     output_layer_bits: int | None = None
+    act_clip_search: bool = False
 
     def __post_init__(self):
         _one_of("ActQuantConfig", "bits", self.bits, (4, 8))
         _one_of("ActQuantConfig", "symmetric", self.symmetric, (True, False))
         _ratio("ActQuantConfig", "clip_ratio", self.clip_ratio)
+        _one_of("ActQuantConfig", "act_clip_search", self.act_clip_search, (True, False))
+        if self.act_clip_search and self.clip_ratio != 1.0:
+            raise RecipeError("ActQuantConfig: give clip_ratio or act_clip_search=true, not both")
         for field in ("rotated_input_bits", "output_layer_bits"):
             if getattr(self, field) is not None:
                 _one_of("ActQuantConfig", field, getattr(self, field), (4, 8))

@@ -10,17 +10,24 @@ A hook sits on the module that owns a linear only when that module's input *is* 
 reported as blocked, never silently skipped. The output layer stays in float unless
 `output_layer_bits` is given; the inputs an online Hadamard rotates (R4) may take their own
 `rotated_input_bits` (mixed precision). The KV quantizer may work in groups of channels within a
-head and keep the first `sink_tokens` positions (attention sinks) float.
+head and keep the first `sink_tokens` positions (attention sinks) float. With `act_clip_search`
+each layer's clip ratio is chosen on calibration data (the pass is then calibrated).
 """
 from __future__ import annotations
 
+import torch
+
 from fxquant.analysis.dataflow import hookable_modules, linear_sites, shape_of
 from fxquant.analysis.structure import Blocked
+from fxquant.calibrate import SiteGroup, observe, require_calibration, sweep
 from fxquant.config import ActQuantConfig, KVQuantConfig
 from fxquant.errors import RecipeError
 from fxquant.install import attention_nodes, install_in_attention
 from fxquant.pipeline import Change, PassResult, fxpass
+from fxquant.quant.format import QuantFormat
+from fxquant.quant.numerics import CLIP_GRID, clip_errors
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, activation_hooks, remove_activation_hooks
+from fxquant.weights import canonical
 
 
 def _bits_of(cfg: ActQuantConfig, module, is_output: bool) -> int | None:
@@ -34,32 +41,70 @@ def _bits_of(cfg: ActQuantConfig, module, is_output: bool) -> int | None:
     return cfg.bits
 
 
-@fxpass(invalidates={"outputs", "graph"}, provides={"activations_quantized"})
+SEARCH_TOKENS = 8192  # act_clip_search: the calibration tokens each layer's clip ratio is chosen on
+
+
+def _check_act(cg, structure, cfg: ActQuantConfig | None) -> None:
+    """Before any pass runs: a clip search needs calibration data."""
+    if cfg is not None and cfg.act_clip_search:
+        require_calibration(cg, structure, cfg)
+
+
+@fxpass(invalidates={"outputs", "graph"}, provides={"activations_quantized"}, check=_check_act)
 def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResult:
     """Install a per-token fake-quant hook on the input of every linear but the output layer (and
     on the output layer's when `output_layer_bits` is given)."""
     cfg = cfg or ActQuantConfig()
     hookable = hookable_modules(cg)
-    installed = activation_hooks(cg.model)
-    changes, blocked = [], []
+    changes, blocked, sites = [], [], {}
     for site, is_output in linear_sites(cg):
         module = cg.model.get_submodule(site.module)
         bits = _bits_of(cfg, module, is_output)
         if bits is None:  # the output layer stays float: a quantizer an earlier config put there goes
             if remove_activation_hooks(module):
                 changes.append(Change("act-quant", site.module, "removed: the output layer stays float"))
-            continue
-        if site.module not in hookable:
+        elif site.module not in hookable:
             blocked.append(Blocked(site.node, site.module, "linear runs inside a larger module: its input "
                                                             "cannot be quantized by a hook on the module"))
+        else:
+            sites[site.module] = (site, bits)
+    clips = _search_clips(cg, cfg, sites) if cfg.act_clip_search else {}
+    installed = activation_hooks(cg.model)
+    for path, (site, bits) in sites.items():
+        hook = ActivationFakeQuant(bits, cfg.symmetric, float(clips.get(path, cfg.clip_ratio)))
+        if installed.get(path) == hook:
             continue
-        hook = ActivationFakeQuant(bits, cfg.symmetric, float(cfg.clip_ratio))
-        if installed.get(site.module) == hook:
-            continue
+        module = cg.model.get_submodule(path)
         replaced = remove_activation_hooks(module)
         module.register_forward_pre_hook(hook)
-        changes.append(Change("act-quant", site.module, f"int{bits} per token" + (" (replaced)" if replaced else "")))
+        clip = f", clip {hook.clip_ratio:g} searched" if path in clips else ""
+        changes.append(Change("act-quant", path, f"int{bits} per token{clip}" + (" (replaced)" if replaced else "")))
     return PassResult(tuple(changes), tuple(blocked))
+
+
+def _search_clips(cg, cfg: ActQuantConfig, sites: dict) -> dict[str, float]:
+    """Per layer, the clip ratio of CLIP_GRID whose rounding of its first SEARCH_TOKENS calibration
+    inputs has the least output-weighted error (numerics.clip_errors, channel j weighted by
+    ||W[:, j]||^2). Inputs are float activations with the online Hadamards on (earlier activation
+    quantizers are taken off first), block by block as GPTQ sees them; ties keep the larger ratio."""
+    for path in sites:
+        remove_activation_hooks(cg.model.get_submodule(path))
+    errors, seen = {}, {}
+
+    def accumulate(site, bits):
+        fmt = QuantFormat(bits, cfg.symmetric, None, "int")  # the format fxquant::fake_quant rounds in
+        weights = canonical(cg.param(site.weight).detach(), site.transposed).float().pow(2).sum(dim=0)
+
+        def add(x):
+            rows = x.reshape(-1, x.shape[-1])[:max(0, SEARCH_TOKENS - seen.get(site.module, 0))]
+            if len(rows):
+                seen[site.module] = seen.get(site.module, 0) + len(rows)
+                errors[site.module] = errors.get(site.module, 0) + clip_errors(rows, fmt, CLIP_GRID, weights)
+        return add
+
+    for block, here in sweep(cg, [SiteGroup(site) for site, _ in sites.values()]):
+        observe(block, each_input={g.readers[0].module: accumulate(*sites[g.readers[0].module]) for g in here})
+    return {path: CLIP_GRID[int(torch.argmin(e))] for path, e in errors.items()}
 
 
 def check_kv_groups(cg, structure, cfg: KVQuantConfig | None) -> None:

@@ -1,7 +1,7 @@
 """Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
 
 Entry points: `qparams` (+ `qparams_clip_search`, `weight_qparams`), `quantize`, `dequantize`,
-`fake_quantize`, `fake_quantize_clip_search`, `round_column` (GPTQ's per-channel step), and
+`fake_quantize`, `fake_quantize_clip_search`, `clip_errors` (an activation clip search's loss), `round_column` (GPTQ's per-channel step), and
 `QuantizedWeight` (codes, scales and zeros as a packed kernel holds them). Every function takes a
 `QuantFormat` (fxquant.quant.format: bits, symmetric, group_size, zero_point). The one idea: scales
 are computed over the last dimension, whole (per output channel of a `[out, in]` weight, per token
@@ -132,6 +132,15 @@ def weight_qparams(w: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0, c
     if clip_search:
         return qparams_clip_search(w, fmt, dtype=dtype)
     return qparams(w, fmt, clip_ratio, dtype=dtype)
+
+
+def clip_errors(x: torch.Tensor, fmt: QuantFormat, grid=CLIP_GRID, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(grid)]: for each fixed clip ratio of `grid`, the squared rounding error of x [rows, n]
+    fake-quantized with it, summed over rows, channel j weighted by weights[j] (default 1). With
+    weights = the column norms^2 of the weight x meets, sum_j w_j e_j^2 is the output error of
+    independent per-channel errors (what an activation clip search minimises)."""
+    w = 1.0 if weights is None else weights.float()
+    return torch.stack([((fake_quantize(x, fmt, ratio).float() - x.float()) ** 2 * w).sum() for ratio in grid])
 
 
 def fake_quantize_clip_search(x: torch.Tensor, fmt: QuantFormat, grid=CLIP_GRID) -> torch.Tensor:

@@ -14,7 +14,7 @@ from fxquant.config import ActQuantConfig, KVQuantConfig
 from fxquant.errors import RecipeError
 from fxquant.models import tiny_model
 from fxquant.quant.format import QuantFormat
-from fxquant.quant.numerics import fake_quantize
+from fxquant.quant.numerics import CLIP_GRID, clip_errors, fake_quantize
 from fxquant.recipes import Recipe, load_recipe
 from fxquant.runtime.attention import ATTR, AttentionTransform, quantize_kv
 from fxquant.runtime.hooks import ActivationFakeQuant, activation_hooks
@@ -91,6 +91,13 @@ def test_the_fast_attention_transform_computes_the_reference(fields, rotate_qk):
         torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(fast[1], ref[1], rtol=0, atol=0)
+
+
+def test_the_triton_quantizer_takes_grouped_rows_of_a_transposed_cache():
+    th = pytest.importorskip("fxquant.runtime.kernels.triton.hadamard")  # CUDA's kernel (interpreted on CPU)
+    x = torch.randn(1, 6, 4, 16, generator=torch.Generator().manual_seed(4)).transpose(1, 2)  # [b, h, t, d] view
+    t = AttentionTransform(kv_bits=4, kv_group_size=8, kv_sink_tokens=2)
+    assert torch.equal(quantize_kv(x, th.fake_quant, t), quantize_kv(x, fake_quant, t))
 
 
 # --- configs and recipe errors ----------------------------------------------------------------------
@@ -177,6 +184,31 @@ def test_finer_kv_groups_and_sinks_lower_the_kv_error():
 
     whole = error()
     assert error(kv_group_size=4) < whole and error(sink_tokens=4) < whole
+
+
+def test_act_clip_search_picks_each_layers_ratio_of_least_weighted_error_on_calibration_data():
+    calibration = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(5))
+    model = tiny_model("llama")
+    quantize(model, "rotate-r1r2r4")
+    down = model.model.layers[1].mlp.down_proj
+    inputs = []  # what the search sees: the input after R4, float activations (no quantizer yet)
+    handle = down.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach().flatten(0, -2)))
+    with torch.no_grad():
+        model(calibration)
+    handle.remove()
+    x, w = torch.cat(inputs), down.weight.detach().pow(2).sum(dim=0)
+    expected = CLIP_GRID[int(clip_errors(x, QuantFormat(4, True, None, "int"), CLIP_GRID, w).argmin())]
+    result = apply_recipe(model, {"passes": [{"pass": "quantize_activations", "bits": 4, "act_clip_search": True}]},
+                          calibration=calibration)
+    hooks = activation_hooks(model)
+    assert hooks["model.layers.1.mlp.down_proj"].clip_ratio == expected
+    assert len(hooks) == 14 and len({h.clip_ratio for h in hooks.values()}) > 1  # per layer, not one for all
+    assert all(c.detail.startswith("int4 per token, clip ") and c.detail.endswith(" searched")
+               for c in result.results["quantize_activations"].changes)
+    with pytest.raises(fxquant.CalibrationError, match="needs calibration data"):
+        quantize(tiny_model("llama"), {"preset": "w16a4", "act_clip_search": True})
+    with pytest.raises(RecipeError, match="give clip_ratio or act_clip_search=true, not both"):
+        ActQuantConfig(clip_ratio=0.9, act_clip_search=True)
 
 
 # --- generate with a KV cache -----------------------------------------------------------------------
