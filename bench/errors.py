@@ -16,6 +16,8 @@ both have, `bits` or `symmetric`, sets both; `act.bits=8` / `kv.bits=8` name one
 recipe's own, plus `lm_head_bits=N` (the output layer's weight RTN N-bit symmetric per channel with
 clip search, irreversible: such levers go last). A value `a|b|c` is searched: each is scored on
 the first `--search-windows` calibration windows and the best is evaluated on the eval split.
+`--act-aware FIELDS` runs GPTQ GPTAQ-style (act_aware) for the recipe's activation quantizer with
+those lever fields, installed during the pass; the weights-only row then holds those weights.
 One markdown row per measurement goes to stdout; the figures go to docs/BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -149,6 +151,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--levers", default=LEVERS, help="';'-separated NAME:field=value+... ('' for none)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the float / weights-only / A-only / KV-only rows")
+    p.add_argument("--act-aware", default=None, metavar="FIELDS",
+                   help="GPTAQ: run gptq with act_aware=true for the recipe's activation quantizer with these "
+                        "lever fields (field=value+...; '' for the recipe's own)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +173,13 @@ def main(argv=None) -> None:
                 bench.quantizers(a, k)
                 bench.row(label, "A" if a else "KV")
         strip_quantizers(bench.model)
-    _apply(bench.model, parts["weights"], [w[None] for w in bench.calibration])
+    weights = parts["weights"]
+    if args.act_aware is not None:  # GPTAQ: GPTQ solves for these activation quantizers (on during the pass)
+        aware_act, _, _ = _configs(act, kv, {k: parse_value(v) for k, v in _lever(":" + args.act_aware)[1].items()})
+        bench.quantizers(aware_act, None)
+        weights = [(key, dataclasses.replace(cfg, act_aware=True) if key == "gptq" else cfg) for key, cfg in weights]
+        print(f"<!-- GPTQ act_aware for {aware_act} -->", flush=True)
+    _apply(bench.model, weights, [w[None] for w in bench.calibration])
     if not args.no_breakdown:
         bench.row("weights only", "W")
     bench.quantizers(act, kv)

@@ -167,6 +167,7 @@ class GPTQConfig(_FormatFields):
     block_size: int = 128
     act_order: bool = False
     zero_point: str = "float"
+    act_aware: bool = False  # GPTAQ-style: solve for the activation quantizers already on the model
 
     @property
     def options(self) -> GPTQOptions:
@@ -180,6 +181,7 @@ class GPTQConfig(_FormatFields):
             raise RecipeError(f"GPTQConfig.damp = {self.damp!r} must be in (0, 1)")
         _int_in("GPTQConfig", "block_size", self.block_size, 1, 2 ** 20)
         _one_of("GPTQConfig", "act_order", self.act_order, (True, False))
+        _one_of("GPTQConfig", "act_aware", self.act_aware, (True, False))
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,27 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double()
 
 
+def input_aware_target(weight: torch.Tensor, hessian_q: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* [out, in] for GPTQ on quantized inputs (GPTAQ-style): with X the float inputs, X~ the
+    quantized ones the layer will read, H~ = X~^T X~ and C = X~^T X (same normalisation),
+
+        ||X W^T - X~ W_hat^T||^2 = ||X~ (W* - W_hat)^T||^2 + const   for   H~ W*^T = C W^T
+
+    so GPTQ(W*, H~) minimises the output error against the float layer on float inputs, the
+    activation quantizer's error included. H~ is dampened as GPTQ dampens it."""
+    h = hessian_q.detach().double().clone()
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    target = torch.linalg.solve(h, cross.detach().double() @ weight.detach().double().T)
+    return target.T.to(weight.dtype)
+
+
+def cross_update(cross: torch.Tensor | None, xq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Running sum of X~^T X over the rows of xq and x [..., in] (float64, as `gram`; not normalised)."""
+    xq, x = xq.detach().reshape(-1, xq.shape[-1]).float(), x.detach().reshape(-1, x.shape[-1]).float()
+    update = (xq.T @ x).double()
+    return update if cross is None else cross + update
+
+
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     """U upper triangular with H^-1 = U^T U (float32), which holds every inverse GPTQ needs.
 

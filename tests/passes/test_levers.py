@@ -211,6 +211,59 @@ def test_act_clip_search_picks_each_layers_ratio_of_least_weighted_error_on_cali
         ActQuantConfig(clip_ratio=0.9, act_clip_search=True)
 
 
+def test_the_input_aware_target_turns_the_quantized_input_objective_into_gptqs():
+    from fxquant.quant.gptq import cross_update, gram, input_aware_target
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 16, generator=g, dtype=torch.float64)
+    xq = fake_quantize(x, QuantFormat(4, True, None, "int"))
+    w = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    target = input_aware_target(w, gram(xq), cross_update(None, xq, x), damp=0.0)
+
+    def objective(w_hat):  # ||X W^T - X~ W_hat^T||^2 - ||X~ (W* - W_hat)^T||^2 is the same for every W_hat
+        return (x @ w.T - xq @ w_hat.T).pow(2).sum() - (xq @ (target - w_hat).T).pow(2).sum()
+
+    a, b = (torch.randn(8, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(objective(a), objective(b), rtol=1e-4, atol=0)  # Grams are summed in float32
+    assert not torch.allclose(target, w, atol=1e-3)  # the quantized inputs move the target
+    torch.testing.assert_close(input_aware_target(w, gram(x), cross_update(None, x, x), 0.0), w)  # float: W* = W
+
+
+def _gptq_recipe(act_aware: bool) -> Recipe:
+    steps = dict(load_recipe("quarot-gptq-w4a4kv4").steps)
+    order = ["fold_norms", "layernorms_to_rms", "rotate_residual", "rotate_vo", "rotate_qk", "insert_online_hadamard",
+             *(["quantize_activations", "gptq"] if act_aware else ["gptq", "quantize_activations"])]
+    gptq = steps["gptq"].__class__(**{**vars(steps["gptq"]), "act_aware": act_aware})
+    return Recipe("gptq", tuple((key, gptq if key == "gptq" else steps[key]) for key in order))
+
+
+def test_act_aware_gptq_lowers_the_error_against_the_float_layer_on_quantized_inputs():
+    calibration = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(5))
+    ref = tiny_model("llama")
+    quantize(ref, "quarot-float")  # the same rotations in float: layer 0's float weight W and inputs X
+    inputs = []
+    handle = ref.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, args: inputs.append(args[0].detach().flatten(0, -2)))
+    with torch.no_grad():
+        ref(calibration)
+    handle.remove()
+    x, w = torch.cat(inputs), ref.model.layers[0].self_attn.q_proj.weight.detach()
+    x_hat = fake_quant(x, 4, True, 1.0)  # what the layer reads after quantize_activations
+    errors, hooks = {}, {}
+    for aware in (False, True):
+        model = tiny_model("llama")
+        result = apply_recipe(model, _gptq_recipe(aware), calibration=calibration)
+        w_hat = model.model.layers[0].self_attn.q_proj.weight.detach()
+        errors[aware] = (x @ w.T - x_hat @ w_hat.T).pow(2).sum().item()
+        hooks[aware] = activation_hooks(model)
+        details = {c.detail for c in result.results["gptq"].changes}
+        assert details == {"int4 sym per channel GPTQ" + (" for int4 inputs" if aware else "")}, details
+    assert hooks[True] == hooks[False] and len(hooks[True]) == 14  # taken off for the sweep, then put back
+    assert errors[True] < errors[False]
+    with pytest.raises(RecipeError, match="act_aware needs the activation quantizers on the model"):
+        quantize(tiny_model("llama"), {"preset": "gptq-w4a16", "group_size": 32, "act_aware": True}, calibration=calibration)
+
+
 # --- generate with a KV cache -----------------------------------------------------------------------
 
 def test_sinks_are_sequence_positions_in_every_decode_step_of_a_cached_generate(levered):
