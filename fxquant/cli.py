@@ -261,6 +261,8 @@ def _quantize(args) -> int:
     from fxquant.recipes import DEFAULT_RECIPE, recipe_with
 
     recipe = recipe_with(args.recipe or DEFAULT_RECIPE, _fields(args.set))
+    if args.out:
+        recipe = _rotations_beside(recipe, args.out)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     print(f"model: {args.model} ({type(model).__name__}), loaded in {time.perf_counter() - start:.1f} s")
@@ -278,6 +280,21 @@ def _quantize(args) -> int:
         size = (out / WEIGHTS).stat().st_size / 2 ** 20
         print(f"saved to {args.out}: {WEIGHTS} {size:.1f} MiB (fxquant eval --model {args.out})")
     return 0
+
+
+def _rotations_beside(recipe, out: str):
+    """A learn_rotations step with no checkpoint file saves its rotations next to the model it makes
+    (`OUT/rotations.safetensors`), so an interrupted run resumes and a finished one never retrains."""
+    import dataclasses
+
+    from fxquant.config import LearnRotationsConfig
+    from fxquant.recipes import Recipe
+
+    path = str(Path(out) / "rotations.safetensors")
+    steps = tuple((key, dataclasses.replace(cfg or LearnRotationsConfig(), checkpoint=path))
+                  if key == "learn_rotations" and (cfg is None or cfg.checkpoint is None) else (key, cfg)
+                  for key, cfg in recipe.steps)
+    return Recipe(recipe.name, steps)
 
 
 def _print_result(result, limit: int = 5) -> None:

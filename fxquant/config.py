@@ -19,6 +19,8 @@ from fxquant.quant.format import one_of as _one_of
 from fxquant.quant.gptq import GPTQOptions
 
 ROTATION_KINDS = ("hadamard", "random-hadamard", "random-orthogonal")  # = fxquant.hadamard.KINDS
+ROTATION_SOURCES = (*ROTATION_KINDS, "learned")  # "learned": the matrix a learn_rotations step trained
+TRAINED_WEIGHTS = ("auto", "float", "rtn")  # the weights learn_rotations trains against (LearnRotationsConfig)
 PRECISIONS = ("float64", "float32")
 
 
@@ -61,7 +63,11 @@ class NormFoldConfig:
 
 @dataclass(frozen=True)
 class RotationConfig:
-    """R1 / R2: which orthogonal matrix (`rotation`), its seed, an optional block-diagonal size."""
+    """R1 / R2: which orthogonal matrix (`rotation`), its seed, an optional block-diagonal size.
+
+    `rotation = "learned"` folds the matrices an earlier `learn_rotations` step trained (seed and
+    block_size do not apply then).
+    """
 
     rotation: str = "random-hadamard"
     seed: int = 0
@@ -69,13 +75,58 @@ class RotationConfig:
     precision: str = "float64"
 
     def __post_init__(self):
-        _one_of("RotationConfig", "rotation", self.rotation, ROTATION_KINDS)
+        _one_of("RotationConfig", "rotation", self.rotation, ROTATION_SOURCES)
         _int_in("RotationConfig", "seed", self.seed, 0, 2 ** 63 - 1)
         if self.block_size is not None:
             _int_in("RotationConfig", "block_size", self.block_size, 1, 2 ** 20)
-            if self.rotation == "random-orthogonal":
+            if self.rotation in ("random-orthogonal", "learned"):
                 raise RecipeError("RotationConfig.block_size applies to 'hadamard' and 'random-hadamard' only")
         _one_of("RotationConfig", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class LearnRotationsConfig:
+    """learn_rotations (SpinQuant): train R1 and one R2 per layer with Cayley SGD against the recipe's
+    later quantizers, starting from `init` with `seed` (the fixed presets' matrices).
+
+    `steps` of `batch_size` calibration rows each, learning rate `lr` decaying linearly to 0,
+    `momentum`; `weights` = "float" (GPTQ follows), "rtn" (round-to-nearest weights in the loss) or
+    "auto" (float when GPTQ follows activation or KV quantizers, else rtn); `checkpointing`
+    recomputes each decoder block in the backward pass (memory); `max_minutes` stops early;
+    `checkpoint` is a file the rotations are saved to every `save_every` steps and resumed from.
+    """
+
+    init: str = "random-hadamard"
+    seed: int = 0
+    steps: int = 100
+    batch_size: int = 1
+    lr: float = 1.5
+    momentum: float = 0.9
+    weights: str = "auto"
+    checkpointing: bool = True
+    max_minutes: float | None = None
+    checkpoint: str | None = None
+    save_every: int = 10
+
+    def __post_init__(self):
+        owner = "LearnRotationsConfig"
+        _one_of(owner, "init", self.init, ROTATION_KINDS)
+        _int_in(owner, "seed", self.seed, 0, 2 ** 63 - 1)
+        _int_in(owner, "steps", self.steps, 0, 2 ** 31)
+        _int_in(owner, "batch_size", self.batch_size, 1, 2 ** 20)
+        _int_in(owner, "save_every", self.save_every, 1, 2 ** 31)
+        for name in ("lr", "momentum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < (1 if name == "momentum" else 1e3):
+                raise RecipeError(f"{owner}.{name} = {value!r} must be a number in "
+                                  f"{'[0, 1)' if name == 'momentum' else '[0, 1000)'}")
+        _one_of(owner, "weights", self.weights, TRAINED_WEIGHTS)
+        _one_of(owner, "checkpointing", self.checkpointing, (True, False))
+        if self.max_minutes is not None and (isinstance(self.max_minutes, bool) or
+                                             not isinstance(self.max_minutes, (int, float)) or self.max_minutes <= 0):
+            raise RecipeError(f"{owner}.max_minutes = {self.max_minutes!r} must be a positive number of minutes")
+        if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or not self.checkpoint):
+            raise RecipeError(f"{owner}.checkpoint = {self.checkpoint!r} must be a file path")
 
 
 @dataclass(frozen=True)
@@ -245,8 +296,9 @@ class AWQConfig(_FormatFields):
         _one_of("AWQConfig", "precision", self.precision, PRECISIONS)
 
 
-CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, WeightQuantConfig, ActQuantConfig,
-                                              KVQuantConfig, SmoothQuantConfig, AWQConfig, CLEConfig, GPTQConfig)}
+CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, LearnRotationsConfig, WeightQuantConfig,
+                                              ActQuantConfig, KVQuantConfig, SmoothQuantConfig, AWQConfig, CLEConfig,
+                                              GPTQConfig)}
 
 
 def register_config(cls) -> None:

@@ -35,10 +35,14 @@ class ParamRef:
 @dataclass(frozen=True)
 class RunContext:
     """What a recipe run hands its passes besides the graph, owned and set by the Pipeline:
-    the calibration batches (model-input dicts) and whether long passes show a progress bar."""
+    the calibration batches (model-input dicts), whether long passes show a progress bar, the
+    run's steps (a pass that trains against the quantizers after it reads them) and `learned`,
+    the one mutable part: matrices a step learned (`"R1"`, `"R2:<v module>"`) for a later step to fold."""
 
     calibration: tuple[dict, ...] = ()
     progress: bool = False
+    steps: tuple = ()
+    learned: dict = field(default_factory=dict)
 
 
 @dataclass

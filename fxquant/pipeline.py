@@ -270,7 +270,7 @@ class Pipeline:
     def run(self, cg: CapturedGraph, facts=()) -> PipelineResult:
         """Run every step on `cg` (whose model is edited in place); `facts` are already true of it."""
         check_order(self.steps, facts)
-        cg.context = RunContext(tuple(self.calibration), self.progress)  # what the passes read besides the graph
+        cg.context = RunContext(tuple(self.calibration), self.progress, self.steps)  # what passes read besides the graph
         inputs = self._inputs(cg)
         state = _State(cg, (self.analyse or _default_analyse)(cg), set(facts), inputs)
         for step in self.steps:
@@ -333,11 +333,7 @@ class Pipeline:
         state.stale = False
 
     def _recapture(self, cg: CapturedGraph) -> CapturedGraph:
-        args, kwargs = as_inputs(cg.example_inputs) if cg.example_inputs else ((), {})
-        example = _capture_inputs(cg.model, args, kwargs) if (args or kwargs) else None
-        fresh = (self.capture or capture_model)(cg.model, example)
-        fresh.context = cg.context
-        return fresh
+        return recapture(cg, capture=self.capture or capture_model)
 
     def _verify(self, step: Step, state: _State) -> None:
         """Raise PassError when the pass left non-finite weights or changed the float outputs."""
@@ -372,6 +368,17 @@ class Pipeline:
             return
         self._refresh(state)
         self.dumper(DumpSnapshot(index, name, state.cg, result, tuple(lines)))
+
+
+def recapture(cg: CapturedGraph, model=None, capture=capture_model) -> CapturedGraph:
+    """A fresh capture of `model` (default: cg's own) on cg's example inputs, sharing cg's run context
+    (a pass that builds a training copy of the model captures it this way)."""
+    model = cg.model if model is None else model
+    args, kwargs = as_inputs(cg.example_inputs) if cg.example_inputs else ((), {})
+    example = _capture_inputs(model, args, kwargs) if (args or kwargs) else None
+    fresh = capture(model, example)
+    fresh.context = cg.context
+    return fresh
 
 
 def _signature(graph) -> tuple:

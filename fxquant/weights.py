@@ -1,7 +1,8 @@
 """The only code that edits a model's parameters: rotations, scales, centring, untying, replacement.
 
 Entry points: `rotate_in`, `rotate_out`, `scale_in`, `scale_out`, `shift_in`, `center_out`, `untie`, `assign`,
-`assign_quantized`, `add_bias`, `add_parameter`, `set_storage` (a search's trial weights), `replace_module`.
+`assign_quantized`, `add_bias`, `add_parameter`, `set_storage` (a search's trial weights), `replace_module`,
+and for training a rotation through the model `rotated` (the same math, differentiable) and `substituted`.
 The one idea: every linear weight is handled in one canonical layout, `[..., out, in]` (y = x W^T),
 whatever its storage (Conv1D and some MoE experts store `[in, out]`: `transposed=True`; an
 embedding table `[vocab, hidden]` is a transposed linear from one-hot ids). The math runs under
@@ -9,6 +10,8 @@ no_grad in `precision` (float64 by default) and is written back in the parameter
 place (same Parameter objects), so every module, hook and tie that holds the tensor sees the new values.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -74,6 +77,45 @@ def rotate_out(weight, bias, q, *, transposed=False, rows: Span = None, precisio
     if bias is not None:
         b = bias if rows is None else bias[..., rows[0]:rows[1]]
         _write(b, _right(b.to(precision), q))
+
+
+def rotated(weight, bias=None, *, q_in=None, q_out=None, transposed=False):
+    """(W', b') = (Q_out^T W Q_in, b Q_out) as new tensors, differentiable in the Qs (dense matrices):
+    the values rotate_in / rotate_out store, computed through autograd to train the rotations."""
+    w = canonical(weight, transposed)
+    if q_in is not None:
+        w = w @ q_in.to(w.dtype)  # rotate_in: W' = W Q
+    if q_out is not None:
+        w = q_out.to(w.dtype).T @ w  # rotate_out: W' = Q^T W
+    if bias is not None and q_out is not None:
+        bias = bias @ q_out.to(bias.dtype)  # b' = b Q
+    return canonical(w, transposed), bias
+
+
+@contextmanager
+def substituted(model: torch.nn.Module, values: dict[str, torch.Tensor]):
+    """Run `model` with the parameters named in `values` (fqn -> tensor, e.g. a weight computed from
+    a rotation being trained) replaced by those tensors, under every name they are tied to; the
+    Parameter objects come back, in their order, on exit. A backward pass inside the block (a
+    recomputed checkpoint) sees the same tensors."""
+    wanted = {id(model.get_parameter(fqn)): value for fqn, value in values.items()}
+    swaps = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in wanted:
+            path, _, attr = name.rpartition(".")
+            swaps.append((model.get_submodule(path), attr, wanted[id(p)]))
+    saved = {id(m): (m, dict(m._parameters)) for m, _, _ in swaps}
+    try:
+        for module, attr, value in swaps:
+            del module._parameters[attr]
+            object.__setattr__(module, attr, value)
+        yield
+    finally:
+        for module, original in saved.values():
+            for attr in original:
+                module.__dict__.pop(attr, None)
+            module._parameters.clear()
+            module._parameters.update(original)
 
 
 @torch.no_grad()

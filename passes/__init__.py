@@ -6,13 +6,14 @@ configuration). Recipes name passes only through this table.
 from __future__ import annotations
 
 from fxquant.config import (
-    ActQuantConfig, AWQConfig, CLEConfig, GPTQConfig, KVQuantConfig, NormFoldConfig, RotationConfig, SmoothQuantConfig,
-    WeightQuantConfig,
+    ActQuantConfig, AWQConfig, CLEConfig, GPTQConfig, KVQuantConfig, LearnRotationsConfig, NormFoldConfig, RotationConfig,
+    SmoothQuantConfig, WeightQuantConfig,
 )
 from fxquant.passes.awq import awq_clip, awq_scale
 from fxquant.passes.equalize import cross_layer_equalize, smooth_quant
 from fxquant.passes.fold_norms import fold_norms, layernorms_to_rms
 from fxquant.passes.gptq import gptq
+from fxquant.passes.learn_rotations import learn_rotations
 from fxquant.passes.pack import pack
 from fxquant.passes.online_rotations import insert_online_hadamard, rotate_qk
 from fxquant.passes.quantize_activations import quantize_activations, quantize_kv_cache
@@ -23,6 +24,7 @@ from fxquant.passes.rotate_vo import rotate_vo
 PASSES = {
     "fold_norms": (fold_norms, NormFoldConfig),  # norm weights/bias -> readers; LayerNorm stream centred
     "layernorms_to_rms": (layernorms_to_rms, None),  # centred LayerNorm -> weightless RMSNorm
+    "learn_rotations": (learn_rotations, LearnRotationsConfig),  # SpinQuant: train R1/R2 (calibrated)
     "rotate_residual": (rotate_residual, RotationConfig),  # R1
     "rotate_vo": (rotate_vo, RotationConfig),  # R2
     "insert_online_hadamard": (insert_online_hadamard, NormFoldConfig),  # R4 (precision of the fold)

@@ -68,7 +68,7 @@ def _observe_inputs(block, paths: list[str], quantizers: dict) -> dict[str, list
     return stats
 
 
-@fxpass(invalidates={"outputs", "weights_float"}, provides={"weights_quantized"}, check=_check)
+@fxpass(invalidates={"outputs", "weights_float"}, provides={"weights_quantized", "weights_compensated"}, check=_check)
 def gptq(cg, structure, cfg: GPTQConfig | None) -> PassResult:
     """Quantize every linear weight but the output layer's with GPTQ, block by block."""
     cfg = cfg or GPTQConfig()

@@ -16,40 +16,9 @@ import torch
 from fxquant.config import RotationConfig
 from fxquant.errors import UnsupportedPatternError
 from fxquant.hadamard import check_rotation, rotation_operator
+from fxquant.rotations import R1, check_learned_source, learned_matrix, refuse_unfolded_norms, residual_edits
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.weights import rotate_in, rotate_out
-
-NORM_ATOL = 1e-6  # a folded norm weight must be this close to its identity value
-
-
-def refuse_unfolded_norms(cg, structure, purpose: str) -> None:
-    """Raise before any edit when a stream norm still scales or centres its input."""
-    for group in structure.stream.groups:
-        norm = group.norm
-        if norm is None:
-            continue
-        if norm.kind == "layer":
-            raise UnsupportedPatternError(
-                f"{purpose} refused, nothing was changed: LayerNorm '{norm.module}' subtracts the mean, which "
-                "does not commute with a rotation; run fold_norms then layernorms_to_rms first")
-        if norm.weight is not None:
-            w = cg.param(norm.weight).detach().double() + norm.offset
-            if not torch.allclose(w, torch.ones_like(w), atol=NORM_ATOL, rtol=0):
-                raise UnsupportedPatternError(
-                    f"{purpose} refused, nothing was changed: norm '{norm.module}' still has a weight "
-                    "(a rotation does not commute with a per-channel scale); run fold_norms first")
-
-
-def _edits(structure):
-    """(role, module, ParamRef, bias ParamRef, transposed) for each tensor R1 touches, in graph order."""
-    for src in structure.stream.sources:
-        yield "embedding", src.module, src.weight, None, True  # [vocab, hidden]: E' = E Q
-    for w in structure.stream.writers:
-        yield "writer", w.module, w.weight, w.bias, w.transposed
-    for group in structure.stream.groups:
-        for r in group.readers:
-            yield "reader", r.module, r.weight, None, r.transposed
-
 
 def _math(role: str, transposed: bool) -> str:
     """The identity an edit applies to the stored tensor, to detect ties that need the same edit."""
@@ -61,6 +30,9 @@ def _math(role: str, transposed: bool) -> str:
 def check_rotation_size(cg, structure, cfg: RotationConfig | None) -> None:
     """Before any pass runs: the stream width has the rotation asked for (a Hadamard size, a block)."""
     cfg = cfg or RotationConfig()
+    if cfg.rotation == "learned":
+        check_learned_source(cg, cfg, "rotate_residual (R1)")
+        return
     check_rotation(cfg.rotation, structure.stream.width, cfg.block_size)
 
 
@@ -71,10 +43,13 @@ def rotate_residual(cg, structure, cfg: RotationConfig | None) -> PassResult:
     structure.refuse_if_blocked("rotate_residual (R1)")
     refuse_unfolded_norms(cg, structure, "rotate_residual (R1)")
     prec = getattr(torch, cfg.precision)
-    q = rotation_operator(cfg.rotation, structure.stream.width, seed=cfg.seed, block_size=cfg.block_size)
+    if cfg.rotation == "learned":
+        q = learned_matrix(cg, R1, "rotate_residual (R1)")
+    else:
+        q = rotation_operator(cfg.rotation, structure.stream.width, seed=cfg.seed, block_size=cfg.block_size)
     done: dict[int, tuple[str, str]] = {}  # id(tensor) -> (math, module): a tied tensor is edited once
     changes = []
-    for role, module, ref, bias, transposed in _edits(structure):
+    for role, module, ref, bias, transposed in residual_edits(structure):
         tensor, math = cg.param(ref), _math(role, transposed)
         if id(tensor) in done:
             if done[id(tensor)][0] != math:

@@ -15,6 +15,7 @@ import torch
 
 from fxquant.config import RotationConfig
 from fxquant.hadamard import check_rotation, rotation_operator
+from fxquant.rotations import check_learned_source, learned_matrix, r2_key
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.weights import rotate_in, rotate_out
 
@@ -22,6 +23,9 @@ from fxquant.weights import rotate_in, rotate_out
 def check_head_rotation(cg, structure, cfg: RotationConfig | None) -> None:
     """Before any pass runs: every head size has the rotation asked for."""
     cfg = cfg or RotationConfig()
+    if cfg.rotation == "learned":
+        check_learned_source(cg, cfg, "rotate_vo (R2)")
+        return
     for head_dim in sorted({chain.head_dim for chain in structure.vo_chains}):
         check_rotation(cfg.rotation, head_dim, cfg.block_size)
 
@@ -34,7 +38,10 @@ def rotate_vo(cg, structure, cfg: RotationConfig | None) -> PassResult:
     prec = getattr(torch, cfg.precision)
     changes = []
     for index, chain in enumerate(structure.vo_chains):
-        r = rotation_operator(cfg.rotation, chain.head_dim, seed=cfg.seed + index, block_size=cfg.block_size)
+        if cfg.rotation == "learned":
+            r = learned_matrix(cg, r2_key(chain), "rotate_vo (R2)")
+        else:
+            r = rotation_operator(cfg.rotation, chain.head_dim, seed=cfg.seed + index, block_size=cfg.block_size)
         v_w = cg.param(chain.v.weight)
         v_b = cg.param(chain.v.bias) if chain.v.bias else None
         o_w = cg.param(chain.o.weight)

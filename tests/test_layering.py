@@ -17,7 +17,7 @@ RANK = {
     # 0: shared nouns and tensor-math leaves (no fx, no modules of their own)
     "fxquant.errors": 0, "fxquant.ir": 0, "fxquant.hadamard": 0, "fxquant.hadamard_constructions": 0,
     "fxquant.weights": 0, "fxquant.quant.numerics": 0, "fxquant.quant.packed": 0, "fxquant.quant.format": 0,
-    "fxquant.quant.gptq": 0,
+    "fxquant.quant.gptq": 0, "fxquant.cayley": 0,
     # 1: what runs at inference: custom ops, hooks, attention, the packed linear, its kernels, lowered twins
     "fxquant.runtime": 1,
     # 2: the op table, capture and the sources of models, data and checks
@@ -27,7 +27,7 @@ RANK = {
     "fxquant.analysis": 3,
     # 4: the engine passes stand on: pipeline, configs, calibration, equalization and quantization libraries
     "fxquant.pipeline": 4, "fxquant.config": 4, "fxquant.calibrate": 4, "fxquant.equalize": 4, "fxquant.install": 4,
-    "fxquant.quant": 4, "fxquant.lowering": 4,
+    "fxquant.quant": 4, "fxquant.lowering": 4, "fxquant.rotations": 4, "fxquant.rotation_checkpoint": 4,
     # 5: renderers and dumpers (read results; never edit a model)
     "fxquant.viz": 5,
     # 6: the passes

@@ -29,6 +29,14 @@ def _hadamard_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def _hadamard_backward(ctx, grad: torch.Tensor):
+    """y = x H^T / sqrt(n)  =>  dL/dx = dL/dy H / sqrt(n): the transposed transform (rotations learn through it)."""
+    return hadamard_transform(grad, transpose=True)
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 @torch.library.custom_op("fxquant::fake_quant", mutates_args=())
 def fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
     """Round x to its nearest `bits`-bit value, one scale per row of the last dim (per token, per
