@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     p.add_argument("--search-windows", type=int, default=4, help="calibration windows a searched value is scored on")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--levers", default=LEVERS, help="';'-separated NAME:field=value+... ('' for none)")
-    p.add_argument("--no-breakdown", action="store_true", help="skip the float / weights-only / A-only / KV-only rows")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the weights-only / A-only / KV-only rows")
     p.add_argument("--act-aware", default=None, metavar="FIELDS",
                    help="GPTAQ: run gptq with act_aware=true for the recipe's activation quantizer with these "
                         "lever fields (field=value+...; '' for the recipe's own)")
@@ -166,8 +166,8 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}")
     print("| row | quantized | perplexity | x float | eval s |\n|---|---|---|---|---|")
     _apply(bench.model, parts["transforms"])
+    bench.row("float, same rotations", "nothing")  # the x float column's reference
     if not args.no_breakdown:
-        bench.row("float, same rotations", "nothing")
         for label, a, k in (("activations only", act, None), ("KV only", None, kv)):
             if a or k:
                 bench.quantizers(a, k)

@@ -171,20 +171,21 @@ def test_the_triton_int4_kernel_in_the_table_matches_the_reference(fmt):
 
 
 
-def _act_layer(bits_w, bits_a, in_f=96, out_f=40):
+def _act_layer(bits_w, bits_a, in_f=96, out_f=40, symmetric=True):
     from fxquant.runtime.hooks import ActivationFakeQuant
 
     layer = _layer(out_f, in_f, QuantFormat(bits_w, True, None, "int"), bias=True)
-    return layer, ActivationFakeQuant(bits_a, True, 0.9)
+    return layer, ActivationFakeQuant(bits_a, symmetric, 0.9)
 
 
 @pytest.mark.parametrize("bits_w,bits_a", [(4, 4), (4, 8), (8, 8)])
 @pytest.mark.parametrize("m", [1, 5, 40])
-def test_the_two_integer_kernels_agree_bit_for_bit_and_match_the_reference(bits_w, bits_a, m):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_two_integer_kernels_agree_bit_for_bit_and_match_the_reference(bits_w, bits_a, m, symmetric):
     from fxquant.runtime.library import fake_quant
 
-    layer, act = _act_layer(bits_w, bits_a)
-    x = torch.randn(m, 96) * 3
+    layer, act = _act_layer(bits_w, bits_a, symmetric=symmetric)
+    x = torch.randn(m, 96) * 3 + (0 if symmetric else 1.5)  # asymmetric: a shifted range, zero points != mid
     ref = layer(fake_quant(x, act.bits, act.symmetric, act.clip_ratio))
     outs = [LoweredLinear.lower(layer, LinearPlan(k, k, 10 ** 6), act)(x) for k in ("int_mm", "float_codes")]
     assert torch.equal(outs[0], outs[1])  # the same exact integer sums, the same float32 epilogue
@@ -201,15 +202,17 @@ def test_the_float_codes_kernel_refuses_int8_layers_whose_sums_could_pass_2_to_t
     assert integer.float_codes_refusal(narrow) is None  # 4-bit weights x 8-bit codes stay far below
 
 
-def test_integer_kernels_refuse_layers_without_a_symmetric_per_token_quantizer():
+def test_integer_kernels_refuse_layers_without_a_per_token_quantizer_or_per_channel_weights():
     from fxquant.runtime.hooks import ActivationFakeQuant
     from fxquant.runtime.kernels import integer
+    from fxquant.runtime.kernels import linear as kernel_linear
 
     layer = _layer(16, 64, QuantFormat(4, True, None, "int"))
     plain = LoweredLinear.lower(layer, LinearPlan("reference", "reference", 0))
     assert "not quantized" in integer.integer_refusal(plain)
     asym = LoweredLinear.lower(layer, LinearPlan("reference", "reference", 0), ActivationFakeQuant(8, False))
-    assert "asymmetric" in integer.integer_refusal(asym)
+    assert integer.integer_refusal(asym) is None  # the zero point's part is subtracted in int32
+    assert "asymmetric" in kernel_linear._triton_int8_refusal(asym)
     grouped = LoweredLinear.lower(_layer(16, 64, QuantFormat(4, True, 32, "int")), LinearPlan("reference", "reference", 0),
                                   ActivationFakeQuant(8, True))
     assert "per-channel" in integer.integer_refusal(grouped)
@@ -222,7 +225,7 @@ def test_integer_kernel_ops_pass_opcheck(name):
     lowered = LoweredLinear.lower(layer, LinearPlan(kernel, kernel, 16), act)
     weights = [getattr(lowered, f"{kernel}_{key}") for key in lowered.kernel_buffers[kernel]]
     op = getattr(torch.ops.fxquant, name).default
-    torch.library.opcheck(op, (torch.randn(3, 96), *weights, layer.bias, 4, 0.9),
+    torch.library.opcheck(op, (torch.randn(3, 96), *weights, layer.bias, 4, False, 0.9),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

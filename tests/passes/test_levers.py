@@ -310,6 +310,20 @@ def test_a_lowered_model_with_the_levers_computes_the_reference(levered):
     assert generated.shape == (1, 9)
 
 
+def test_asymmetric_activations_lower_onto_the_exact_integer_product():
+    steps = tuple((key, ActQuantConfig(bits=4, symmetric=False) if key == "quantize_activations" else cfg)
+                  for key, cfg in load_recipe("quarot-w4a4kv4").steps)
+    model = tiny_model("llama").eval()
+    quantize(model, Recipe("asym", steps))
+    ids = _ids(9)
+    ref = _logits(model, ids)
+    fxquant.lower(model, plan="rule")
+    assert "14 x int4 sym per channel linear, int4 activations inside: exact integer product" in (
+        fxquant.lowering_report(model).summary())
+    out = _logits(model, ids)
+    assert (out - ref).norm() <= 1e-4 * ref.norm() and not torch.equal(out, ref)
+
+
 def test_the_compile_backend_keeps_the_kv_levers():
     recipe = {**LEVERS, "rotated_input_bits": None, "output_layer_bits": None}
     ids = _ids(8)

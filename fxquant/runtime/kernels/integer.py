@@ -1,7 +1,8 @@
 """Integer linears for quantized activations (W8A8, W4A8, W4A4): the exact integer product.
 
-Where a layer's input passes an activation quantizer (symmetric, per token) and its weight is
-symmetric per output channel, y = (q_x s_x)(q_w s_w)^T + b = (q_x q_w^T) s_x s_w + b: the
+Where a layer's input passes an activation quantizer (per token) and its weight is symmetric per
+output channel, y = (q_x s_x)(q_w s_w)^T + b = (q_x q_w^T) s_x s_w + b (asymmetric activations:
+((q_x - z_x) q_w^T) s_x s_w + b, the zero point's part z_x sum_k q_w[:, k] subtracted in int32): the
 quantizer's codes (bit-identical to `fxquant::fake_quant`'s, fxquant.runtime.kernels.quantize)
 times the weight codes is an integer matrix, computed exactly, then scaled once in float32.
 Two kernels compute it, and agree bit for bit: `torch._int_mm` (int8 x int8 -> int32; fast with
@@ -26,8 +27,6 @@ def integer_refusal(layer) -> str | None:
     act = getattr(layer, "act", None)
     if act is None:
         return "its input is not quantized (no activation quantizer to take over)"
-    if not act.symmetric:
-        return "asymmetric activations (the integer kernels take symmetric per-token codes)"
     fmt = layer.fmt
     if not fmt.symmetric or fmt.group_size is not None:
         return f"{fmt.describe()} weights (the integer kernels take symmetric per-channel weights)"
@@ -41,9 +40,10 @@ def float_codes_refusal(layer) -> str | None:
     reason = integer_refusal(layer)
     if reason is not None:
         return reason
-    bound = 2 ** (layer.act.bits - 1) * 2 ** (layer.fmt.bits - 1) * layer.in_features
+    x_codes = 2 ** (layer.act.bits - 1) if layer.act.symmetric else 2 ** layer.act.bits - 1  # |q_x - z_x| at most
+    bound = x_codes * 2 ** (layer.fmt.bits - 1) * layer.in_features
     if bound >= FLOAT_EXACT:
-        return (f"|codes| up to 2^{layer.act.bits - 1} x 2^{layer.fmt.bits - 1} over {layer.in_features} inputs can "
+        return (f"|codes| up to {x_codes} x 2^{layer.fmt.bits - 1} over {layer.in_features} inputs can "
                 "pass 2^24, where float32 stops being exact")
     return None
 
@@ -54,8 +54,10 @@ def _scales(layer) -> torch.Tensor:
 
 
 def to_int_mm(layer) -> dict[str, torch.Tensor]:
-    """int8 codes [in, out] (the layout torch._int_mm reads) and float32 scales [out]."""
-    return {"codes_t": layer.signed_codes().t().contiguous(), "scale": _scales(layer)}
+    """int8 codes [in, out] (the layout torch._int_mm reads), float32 scales [out] and the codes'
+    row sums [out] in int32 (the zero-point correction of asymmetric activations)."""
+    codes = layer.signed_codes()
+    return {"codes_t": codes.t().contiguous(), "scale": _scales(layer), "colsum": codes.to(torch.int32).sum(dim=1)}
 
 
 def to_int8_codes(layer) -> dict[str, torch.Tensor]:
@@ -76,30 +78,43 @@ def _epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, b
     return y.to(x.dtype).view(*x.shape[:-1], w_scale.shape[0])
 
 
-def _int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                  bits: int, clip_ratio: float) -> torch.Tensor:
-    """Quantize x per token (`bits`, symmetric), then (q_x q_w^T) s_x s_w + b through torch._int_mm."""
-    q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), bits, True, clip_ratio)
+def _signed_row_codes(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple:
+    """Per-token (codes, scale, zero) with asymmetric codes shifted into int8: q' = q - 2^(b-1),
+    z' = z - 2^(b-1), so q - z = q' - z' (zero None when symmetric)."""
+    q, x_scale, zero = row_codes(x.reshape(-1, x.shape[-1]), bits, symmetric, clip_ratio)
+    if zero is not None:
+        mid = 2 ** (bits - 1)
+        q, zero = q.sub_(mid), zero - mid
+    return q, x_scale, zero
+
+
+def _int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, colsum: torch.Tensor,
+                   bias: torch.Tensor | None, bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
+    """Quantize x per token, then (q_x q_w^T) s_x s_w + b through torch._int_mm; asymmetric:
+    ((q_x' q_w^T) - z_x' sum_k q_w[:, k]) s_x s_w + b, every sum in int32."""
+    q, x_scale, zero = _signed_row_codes(x, bits, symmetric, clip_ratio)
     m = q.shape[0]
     q8 = q.to(torch.int8)
     if m < INT_MM_MIN_M:
         q8 = torch.nn.functional.pad(q8, (0, 0, 0, INT_MM_MIN_M - m))
     acc = torch._int_mm(q8, codes_t)[:m]
+    if zero is not None:
+        acc = acc - zero.to(torch.int32) * colsum
     return _epilogue(acc, x_scale, scale, bias, x)
 
 
-def _int_mm_linear_fake(x, codes_t, scale, bias, bits, clip_ratio):
+def _int_mm_linear_fake(x, codes_t, scale, colsum, bias, bits, symmetric, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes_t.shape[1])
 
 
 def _float_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                       bits: int, clip_ratio: float) -> torch.Tensor:
-    """Quantize x per token, then the integer product as an exact float32 GEMM of the codes."""
-    q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), bits, True, clip_ratio)
-    return _epilogue(q @ codes.t(), x_scale, scale, bias, x)
+                        bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
+    """Quantize x per token, then the integer product (q_x - z_x) q_w^T as an exact float32 GEMM."""
+    q, x_scale, zero = _signed_row_codes(x, bits, symmetric, clip_ratio)
+    return _epilogue((q if zero is None else q - zero) @ codes.t(), x_scale, scale, bias, x)
 
 
-def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):
+def _float_codes_linear_fake(x, codes, scale, bias, bits, symmetric, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 

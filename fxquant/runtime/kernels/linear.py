@@ -47,19 +47,21 @@ def _int8(layer, x):
 
 
 def _int_mm(layer, x):
-    return integer.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.bias,
-                                           layer.act.bits, layer.act.clip_ratio)
+    return integer.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.int_mm_colsum, layer.bias,
+                                 layer.act.bits, layer.act.symmetric, layer.act.clip_ratio)
 
 
 def _float_codes(layer, x):
     return integer.float_codes_linear(x, layer.float_codes_codes, layer.float_codes_scale, layer.bias,
-                                                layer.act.bits, layer.act.clip_ratio)
+                                      layer.act.bits, layer.act.symmetric, layer.act.clip_ratio)
 
 
 def _triton_int8_refusal(layer) -> str | None:
     reason = integer.integer_refusal(layer)
     if reason is not None:
         return reason
+    if not layer.act.symmetric:
+        return "asymmetric activations (the Triton int8 GEMM takes symmetric per-token codes)"
     try:
         importlib.import_module("fxquant.runtime.kernels.triton.int8")
     except ImportError as exc:
