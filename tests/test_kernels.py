@@ -218,14 +218,18 @@ def test_integer_kernels_refuse_layers_without_a_per_token_quantizer_or_per_chan
     assert "per-channel" in integer.integer_refusal(grouped)
 
 
-@pytest.mark.parametrize("name", ["int_mm_linear", "float_codes_linear"])
+@pytest.mark.parametrize("name", ["int_mm_linear", "float_codes_linear", "int_mm_linear_asym",
+                                  "float_codes_linear_asym"])
 def test_integer_kernel_ops_pass_opcheck(name):
-    layer, act = _act_layer(4, 4)
-    kernel = "int_mm" if name == "int_mm_linear" else "float_codes"
+    symmetric = not name.endswith("_asym")
+    layer, act = _act_layer(4, 4, symmetric=symmetric)
+    kernel = "int_mm" if name.startswith("int_mm") else "float_codes"
     lowered = LoweredLinear.lower(layer, LinearPlan(kernel, kernel, 16), act)
     weights = [getattr(lowered, f"{kernel}_{key}") for key in lowered.kernel_buffers[kernel]]
+    if kernel == "int_mm":  # the op reads [codes, scales] or [codes, scales; row sums]
+        weights = weights[:1] + weights[1 if symmetric else 2:][:1]
     op = getattr(torch.ops.fxquant, name).default
-    torch.library.opcheck(op, (torch.randn(3, 96), *weights, layer.bias, 4, False, 0.9),
+    torch.library.opcheck(op, (torch.randn(3, 96), *weights, layer.bias, 4, 0.9),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -54,10 +54,14 @@ def _scales(layer) -> torch.Tensor:
 
 
 def to_int_mm(layer) -> dict[str, torch.Tensor]:
-    """int8 codes [in, out] (the layout torch._int_mm reads), float32 scales [out] and the codes'
-    row sums [out] in int32 (the zero-point correction of asymmetric activations)."""
+    """int8 codes [in, out] (the layout torch._int_mm reads) and float32 scales [out]; for
+    asymmetric activations also [scales; row sums of the codes] [2, out] in float32 (the zero
+    point's correction, exact integers)."""
     codes = layer.signed_codes()
-    return {"codes_t": codes.t().contiguous(), "scale": _scales(layer), "colsum": codes.to(torch.int32).sum(dim=1)}
+    out = {"codes_t": codes.t().contiguous(), "scale": _scales(layer)}
+    if layer.act is not None and not layer.act.symmetric:
+        out["scale_colsum"] = torch.stack([out["scale"], codes.to(torch.int32).sum(dim=1).float()])
+    return out
 
 
 def to_int8_codes(layer) -> dict[str, torch.Tensor]:
@@ -88,35 +92,56 @@ def _signed_row_codes(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: f
     return q, x_scale, zero
 
 
-def _int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, colsum: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
-    """Quantize x per token, then (q_x q_w^T) s_x s_w + b through torch._int_mm; asymmetric:
-    ((q_x' q_w^T) - z_x' sum_k q_w[:, k]) s_x s_w + b, every sum in int32."""
+def _int_mm_product(x: torch.Tensor, codes_t: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple:
+    """(q_x' q_w^T in int32, s_x, z_x') through torch._int_mm (small M zero-padded)."""
     q, x_scale, zero = _signed_row_codes(x, bits, symmetric, clip_ratio)
     m = q.shape[0]
     q8 = q.to(torch.int8)
     if m < INT_MM_MIN_M:
         q8 = torch.nn.functional.pad(q8, (0, 0, 0, INT_MM_MIN_M - m))
-    acc = torch._int_mm(q8, codes_t)[:m]
-    if zero is not None:
-        acc = acc - zero.to(torch.int32) * colsum
+    return torch._int_mm(q8, codes_t)[:m], x_scale, zero
+
+
+def _int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   bits: int, clip_ratio: float) -> torch.Tensor:
+    """Quantize x per token (`bits`, symmetric), then (q_x q_w^T) s_x s_w + b through torch._int_mm."""
+    acc, x_scale, _ = _int_mm_product(x, codes_t, bits, True, clip_ratio)
     return _epilogue(acc, x_scale, scale, bias, x)
 
 
-def _int_mm_linear_fake(x, codes_t, scale, colsum, bias, bits, symmetric, clip_ratio):
+def _int_mm_linear_asym(x: torch.Tensor, codes_t: torch.Tensor, scale_colsum: torch.Tensor, bias: torch.Tensor | None,
+                        bits: int, clip_ratio: float) -> torch.Tensor:
+    """Asymmetric per-token x: ((q_x' q_w^T) - z_x' sum_k q_w[:, k]) s_x s_w + b, the sums in int32
+    (`scale_colsum` [2, out]: the weight scales, then the row sums of the codes)."""
+    acc, x_scale, zero = _int_mm_product(x, codes_t, bits, False, clip_ratio)
+    acc = acc - zero.to(torch.int32) * scale_colsum[1].to(torch.int32)
+    return _epilogue(acc, x_scale, scale_colsum[0], bias, x)
+
+
+def _int_mm_linear_fake(x, codes_t, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes_t.shape[1])
 
 
 def _float_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                        bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
-    """Quantize x per token, then the integer product (q_x - z_x) q_w^T as an exact float32 GEMM."""
-    q, x_scale, zero = _signed_row_codes(x, bits, symmetric, clip_ratio)
-    return _epilogue((q if zero is None else q - zero) @ codes.t(), x_scale, scale, bias, x)
+                        bits: int, clip_ratio: float) -> torch.Tensor:
+    """Quantize x per token, then the integer product as an exact float32 GEMM of the codes."""
+    q, x_scale, _ = _signed_row_codes(x, bits, True, clip_ratio)
+    return _epilogue(q @ codes.t(), x_scale, scale, bias, x)
 
 
-def _float_codes_linear_fake(x, codes, scale, bias, bits, symmetric, clip_ratio):
+def _float_codes_linear_asym(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                             bits: int, clip_ratio: float) -> torch.Tensor:
+    """Asymmetric per-token x: (q_x - z_x) q_w^T as an exact float32 GEMM of the codes."""
+    q, x_scale, zero = _signed_row_codes(x, bits, False, clip_ratio)
+    return _epilogue((q - zero) @ codes.t(), x_scale, scale, bias, x)
+
+
+def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
 int_mm_linear = define("fxquant::int_mm_linear", _int_mm_linear, _int_mm_linear_fake, inline=True)
+int_mm_linear_asym = define("fxquant::int_mm_linear_asym", _int_mm_linear_asym, _int_mm_linear_fake, inline=True)
 float_codes_linear = define("fxquant::float_codes_linear", _float_codes_linear, _float_codes_linear_fake, inline=True)
+float_codes_linear_asym = define("fxquant::float_codes_linear_asym", _float_codes_linear_asym, _float_codes_linear_fake,
+                                 inline=True)

@@ -47,13 +47,16 @@ def _int8(layer, x):
 
 
 def _int_mm(layer, x):
-    return integer.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.int_mm_colsum, layer.bias,
-                                 layer.act.bits, layer.act.symmetric, layer.act.clip_ratio)
+    if not layer.act.symmetric:
+        return integer.int_mm_linear_asym(x, layer.int_mm_codes_t, layer.int_mm_scale_colsum, layer.bias,
+                                          layer.act.bits, layer.act.clip_ratio)
+    return integer.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.bias,
+                                 layer.act.bits, layer.act.clip_ratio)
 
 
 def _float_codes(layer, x):
-    return integer.float_codes_linear(x, layer.float_codes_codes, layer.float_codes_scale, layer.bias,
-                                      layer.act.bits, layer.act.symmetric, layer.act.clip_ratio)
+    kernel = integer.float_codes_linear if layer.act.symmetric else integer.float_codes_linear_asym
+    return kernel(x, layer.float_codes_codes, layer.float_codes_scale, layer.bias, layer.act.bits, layer.act.clip_ratio)
 
 
 def _triton_int8_refusal(layer) -> str | None:
