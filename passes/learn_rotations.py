@@ -130,7 +130,8 @@ def _training_copy(cg, target: Target):
         p.requires_grad_(False)
     trained = recapture(cg, model)
     if target.steps:
-        Pipeline(target.steps, log=None, final_capture=False).run(trained, facts={"weights_float", "norms_folded"})
+        Pipeline(target.steps, log=None, final_capture=False, calibration=cg.context.calibration).run(
+            trained, facts={"weights_float", "norms_folded"})  # a quantizer may calibrate (searched clip ratios)
     return model, recapture(cg, model)
 
 

@@ -106,6 +106,32 @@ def fake_quantize(x: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0) ->
     return dequantize(quantize(x, scale, zero, fmt), scale, zero, fmt, x.dtype)
 
 
+def _straight_through(t: torch.Tensor) -> torch.Tensor:
+    """round(t) forward, the identity backward."""
+    return t + (torch.round(t) - t).detach()
+
+
+def fake_quantize_ste(x: torch.Tensor, fmt: QuantFormat, clip_ratio: float = 1.0) -> torch.Tensor:
+    """`fake_quantize(x)` exactly, differentiable as quantization-aware training wants it: the rounding
+    passes its gradient straight through (zero where the clamp bites), and the scale and zero point,
+    functions of x's range, pass theirs exactly (LSQ; SpinQuant's activation quantizer), so the
+    gradient also sees that moving x's extremes coarsens every value's grid:
+
+        y = s (clamp(x/s + r) - z),  r = round(x/s) - x/s held constant  =>  dy/dx = I + (y/s - x/s) ds/dx
+    """
+    g = _grouped(x.float(), fmt.group_size)
+    scale, zero = qparams(x.float(), fmt, clip_ratio)  # through amax / amin: differentiable in x
+    qmin, qmax = fmt.qrange
+    if fmt.float_zero:
+        mid = 2 ** (fmt.bits - 1)
+        q = _straight_through((g - (zero - mid * scale)) / scale).clamp(qmin + mid, qmax + mid) - mid
+    else:
+        q = _straight_through(g / scale)
+        q = (q + zero if zero is not None else q).clamp(qmin, qmax)
+    y = _values(q, scale, zero, fmt).reshape(x.shape)
+    return fake_quantize(x.detach(), fmt, clip_ratio) + (y - y.detach()).to(x.dtype)
+
+
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
 
 

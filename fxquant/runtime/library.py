@@ -13,7 +13,7 @@ import torch
 
 from fxquant.hadamard import hadamard_transform
 from fxquant.quant.format import QuantFormat
-from fxquant.quant.numerics import QuantizedWeight, fake_quantize
+from fxquant.quant.numerics import QuantizedWeight, fake_quantize, fake_quantize_ste
 from fxquant.quant.packed import unpack_int4
 
 
@@ -50,12 +50,25 @@ def _fake_quant_fake(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: fl
     return torch.empty_like(x)
 
 
+def _fake_quant_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.quantizer = inputs[1:]
+
+
 def _fake_quant_backward(ctx, grad: torch.Tensor):
-    """Straight-through estimator: rounding passes the gradient unchanged (what QAT trains through)."""
-    return grad, None, None, None
+    """Straight through the rounding, exact through the per-row scale and zero (numerics.fake_quantize_ste):
+    what QAT and learned rotations train through; without the scale's term a rotation's gradient
+    would not see the outliers it is there to spread."""
+    (x,) = ctx.saved_tensors
+    bits, symmetric, clip_ratio = ctx.quantizer
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        y = fake_quantize_ste(leaf, QuantFormat(bits, symmetric, None, "int"), clip_ratio)
+        (dx,) = torch.autograd.grad(y, leaf, grad)
+    return dx, None, None, None
 
 
-fake_quant.register_autograd(_fake_quant_backward, setup_context=lambda ctx, inputs, output: None)
+fake_quant.register_autograd(_fake_quant_backward, setup_context=_fake_quant_setup)
 
 
 def packs_two_per_byte(bits: int) -> bool:

@@ -214,3 +214,9 @@ def test_the_cli_saves_the_learned_rotations_with_the_model_and_never_retrains_t
     ids = _ids(rows=1)
     with torch.no_grad():
         assert torch.equal(first(ids, use_cache=False).logits, again(ids, use_cache=False).logits)
+
+
+def test_a_calibrated_quantizer_after_it_is_calibrated_in_the_training_copy_too():
+    tail = [{"pass": "quantize_activations", "bits": 4, "act_clip_search": True}]
+    result = apply_recipe(tiny_model("llama"), _recipe(tail=tail, steps=1, batch_size=1), calibration=_ids(rows=2))
+    assert "1 steps" in result.results["learn_rotations"].changes[0].detail
