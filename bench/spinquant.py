@@ -2,7 +2,8 @@
 
 Usage: python bench/spinquant.py [--model smollm2] [--calibration 32] [--threads N]
                                  [--recipes quarot-gptq-w4a4kv4,spinquant-w4a4kv4+steps=150,...]
-Each recipe (`preset+field=value+...`, as bench/rotations.py takes) runs on a freshly loaded model
+Each recipe (`preset+field=value+...` as bench/rotations.py takes, or `+pass.field=value` for one
+pass) runs on a freshly loaded model
 with the same calibration windows (the first `--calibration` x 512 tokens of the default text,
 disjoint from the eval windows) and seed; perplexity is on the default eval split. For recipes with
 learn_rotations the row gives its steps, seconds per step and the training loss of its first and
@@ -19,14 +20,25 @@ import torch
 from fxquant.api import apply_recipe
 from fxquant.eval import EvalSplit, calibration_windows, default_tokens, eval_windows, perplexity
 from fxquant.models import load_model
-from fxquant.recipes import parse_value
+from fxquant.recipes import load_recipe, parse_value
 
 FP32 = 9.807  # SmolLM2 on the default split (docs/BENCHMARKS.md)
 
 
 def _recipe(name: str) -> dict:
+    """`preset+field=value+pass.field=value...`: a plain field overrides it in every pass that has it,
+    `pass.field` only in that pass (`quantize_activations.symmetric=false` leaves GPTQ's alone)."""
     preset, *pairs = name.split("+")
-    return {"preset": preset, **{k: parse_value(v) for k, _, v in (p.partition("=") for p in pairs)}}
+    recipe = load_recipe(preset).to_dict()
+    for key, _, value in (p.partition("=") for p in pairs):
+        step, _, field = key.rpartition(".")
+        if not step:
+            recipe[field] = parse_value(value)
+            continue
+        for entry in recipe["passes"]:
+            if entry["pass"] == step:
+                entry[field] = parse_value(value)
+    return recipe
 
 
 def _learning(result) -> str:

@@ -100,7 +100,7 @@ class LearnRotationsConfig:
     seed: int = 0
     steps: int = 100
     batch_size: int = 1
-    lr: float = 1.5
+    lr: float = 0.05
     momentum: float = 0.9
     weights: str = "auto"
     checkpointing: bool = True

@@ -4,12 +4,12 @@
 
 Entry point: the `learn_rotations` pass (recipe key `learn_rotations`, `LearnRotationsConfig`),
 placed before `rotate_residual` / `rotate_vo` with `rotation = "learned"`, which fold what it learned
-exactly as they fold a fixed matrix (the sites are `passes.rotation_weights`). The one idea: the
-model trained is the recipe's own. A copy of the model gets the recipe's later online rotations and
-activation / KV quantizers (their `fxquant::fake_quant` passes gradients straight through); its
-weights stay frozen and each step computes the rotated weights from R1, R2 (float weights when GPTQ
-follows, as SpinQuant found; round-to-nearest through a straight-through gradient otherwise), runs
-the calibration rows through the model (each decoder block recomputed in the backward pass when
+exactly as they fold a fixed matrix (one site list: `fxquant.rotations`). The one idea: the model
+trained is the recipe's own. A copy of the model gets the recipe's later online rotations and
+activation / KV quantizers (`fxquant::fake_quant`: straight through the rounding, exact through the
+scale); its weights stay frozen and each step computes the rotated weights from R1, R2 (float when
+GPTQ follows, as SpinQuant found; rounded to nearest, with the same gradient, otherwise), runs the
+calibration rows through the model (each decoder block recomputed in the backward pass when
 `checkpointing`), and moves R1, R2 by one Cayley step (`fxquant.cayley`), which keeps them
 orthogonal (checked in float64 every step). The user's model is not touched until the folds run.
 """
@@ -31,6 +31,7 @@ from fxquant.config import GPTQConfig, LearnRotationsConfig, WeightQuantConfig
 from fxquant.errors import PassError, RecipeError, UnsupportedPatternError
 from fxquant.hadamard import check_rotation, rotation_matrix
 from fxquant.pipeline import Change, PassResult, Pipeline, fxpass, recapture
+from fxquant.quant.numerics import fake_quantize_ste
 from fxquant.quant.rtn import round_weight
 from fxquant.rotation_checkpoint import load_checkpoint, save_checkpoint
 from fxquant.rotations import LEARNED, R1, r2_key, refuse_unfolded_norms, rotated_values, rotation_sites
@@ -195,12 +196,9 @@ class _Trainer:
         dtype = next(iter(self.base.values())).dtype  # the model's own precision
         leaves = {k: m.detach().to(dtype, copy=True).requires_grad_() for k, m in matrices.items()}
         values = rotated_values(self.sites, self.base, leaves)  # the rotation's graph, built once per step
-        used = {}
-        for fqn, v in values.items():
-            if fqn in self.rounded:  # straight-through: forward the rounded value, gradient unchanged
-                t = self.transposed[fqn]
-                v = canonical(round_weight(canonical(v.detach(), t), self.weights), t)
-            used[fqn] = v.detach().requires_grad_()
+        values = {fqn: _rounded(v, self.transposed[fqn], self.weights) if fqn in self.rounded else v
+                  for fqn, v in values.items()}
+        used = {fqn: v.detach().requires_grad_() for fqn, v in values.items()}
         total, tokens = 0.0, 0
         counts = [_token_loss_count(r) for r in rows]
         scale = 1.0 / max(1, sum(counts))
@@ -213,6 +211,14 @@ class _Trainer:
         torch.autograd.backward([values[k] for k in keys], [used[k].grad for k in keys])
         grads = {k: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)) for k, leaf in leaves.items()}
         return total / max(1, tokens), grads
+
+
+def _rounded(w: torch.Tensor, transposed: bool, cfg: WeightQuantConfig) -> torch.Tensor:
+    """round_weight(w) exactly, differentiable as fake_quantize_ste: straight through the rounding,
+    exact through each group's scale (so the rotation sees the weight outliers that coarsen a grid)."""
+    c = canonical(w, transposed)
+    surrogate = fake_quantize_ste(c, cfg.format, cfg.clip_ratio)
+    return canonical(round_weight(c.detach(), cfg) + (surrogate - surrogate.detach()), transposed)
 
 
 def _token_loss_count(row: dict) -> int:
@@ -319,7 +325,8 @@ def learn_rotations(cg, structure, cfg: LearnRotationsConfig | None) -> PassResu
     opt = CayleySGD(start, lr=cfg.lr, momentum=cfg.momentum)
     done, losses = load_checkpoint(cfg, opt) if cfg.checkpoint else (0, [])
     progress = Progress(done, done, losses)
-    _train(cg, cfg, _trainer(cg, structure, target), opt, progress)
+    if done < cfg.steps:  # a finished checkpoint needs no training copy
+        _train(cg, cfg, _trainer(cg, structure, target), opt, progress)
     cg.context.learned.update(opt.matrices)
     return PassResult(_changes(target, start, opt, progress))
 

@@ -10,7 +10,8 @@ from fxquant.cli import main
 from fxquant.recipes import NONE, PRESETS, load_recipe, parse_value, preset_description, preset_text
 
 NAMES = [
-    "awq-w4a16", "gptq-w4a16", "quarot-awq-w4a16", "quarot-float", "quarot-gptq-w4a4kv4", "quarot-w4a4kv4",
+    "awq-w4a16", "gptq-w4a16", "quarot-awq-w4a16", "quarot-float", "quarot-gptq-w4a4kv4", "quarot-gptq-w4a4kv4-mixed",
+    "quarot-w4a4kv4",
     "quarot-w4a8", "rotate-r1r2", "rotate-r1r2-w16a4", "rotate-r1r2-w4a16", "rotate-r1r2-w4a4", "rotate-r1r2-w4a8",
     "rotate-r1r2-w8a8", "rotate-r1r2r4", "rotate-r1r2r4-w16a4", "rotate-r1r2r4-w4a16", "rotate-r1r2r4-w4a4",
     "rotate-r1r2r4-w4a8", "rotate-r1r2r4-w8a8", "smoothquant-w8a8", "spinquant-w4a16", "spinquant-w4a4kv4", "w16a4", "w4a16", "w4a16-lm-head", "w4a4", "w4a8", "w8a8",

@@ -113,14 +113,22 @@ def test_the_fake_quant_op_passes_opcheck_and_shows_as_one_node():
     assert set(activation_hooks(model).values()) == {ActivationFakeQuant(4, True, 0.9)}
 
 
-def test_fake_quant_passes_gradients_straight_through():
+def test_fake_quant_passes_gradients_straight_through_the_rounding_and_exactly_through_the_range():
+    from fxquant.quant.format import QuantFormat
+    from fxquant.quant.numerics import fake_quantize_ste
     from fxquant.runtime.library import fake_quant
 
     x = torch.randn(5, 32, requires_grad=True)
     torch.library.opcheck(fake_quant._opoverload, (x, 4, False, 1.0))
     weights = torch.randn(5, 32)
     (fake_quant(x, 4, False) * weights).sum().backward()
-    assert torch.equal(x.grad, weights)  # rounding is the identity for the gradient (STE)
+    leaf = x.detach().requires_grad_()
+    (fake_quantize_ste(leaf, QuantFormat(4, False, None, "int")) * weights).sum().backward()
+    assert torch.equal(x.grad, leaf.grad)
+    ends = torch.zeros_like(x, dtype=torch.bool)  # each row's min and max set the scale and zero
+    ends.scatter_(1, x.detach().argmax(1, keepdim=True), True).scatter_(1, x.detach().argmin(1, keepdim=True), True)
+    torch.testing.assert_close(x.grad[~ends], weights[~ends], atol=1e-5, rtol=1e-5)  # elsewhere: identity (STE)
+    assert not torch.allclose(x.grad[ends], weights[ends], atol=1e-3)
 
 
 def test_quantize_lm_head_unties_a_tied_output_layer_and_leaves_the_embedding_float(tmp_path):
