@@ -84,7 +84,8 @@ class _Stop(Exception):
     """Raised by the last identity block: nothing after it is needed."""
 
 
-def _model_kwargs(model) -> dict:
+def model_kwargs(model) -> dict:
+    """The keyword arguments a calibration or training forward adds: no KV cache where the model takes one."""
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
@@ -96,7 +97,7 @@ def block_sweep(model: torch.nn.Module, batches: list[dict], blocks: list[str],
 
     With no blocks, yield the whole model once, called on each batch.
     """
-    extra, masks = _model_kwargs(model), [_token_mask(b) for b in batches]
+    extra, masks = model_kwargs(model), [_token_mask(b) for b in batches]
     if not blocks:
         yield Block("", model, [Call((), {**b, **extra}, m) for b, m in zip(batches, masks)])
         return

@@ -75,12 +75,12 @@ def _rows(item, spec: Calibration, where: str):
     if isinstance(item, (str, os.PathLike)):
         yield from _text_rows(item, spec, where)
     elif isinstance(item, torch.Tensor):
-        yield from _split({"input_ids": _ids(where, item)}, where)
+        yield from split_rows({"input_ids": _ids(where, item)}, where)
     elif isinstance(item, dict):
         ids = item.get("input_ids")
         if not isinstance(ids, torch.Tensor):
             raise CalibrationError(f"{where} is a dict without an 'input_ids' tensor")
-        yield from _split({**item, "input_ids": _ids(where, ids)}, where)
+        yield from split_rows({**item, "input_ids": _ids(where, ids)}, where)
     elif _is_collection(item):
         raise CalibrationError(f"{where} is a nested {type(item).__name__}: give tensors, input dicts or text "
                                "inside the list")
@@ -96,7 +96,7 @@ def _ids(where: str, ids: torch.Tensor) -> torch.Tensor:
     return ids.long().reshape(1, -1) if ids.dim() == 1 else ids.long()
 
 
-def _split(batch: dict, where: str):
+def split_rows(batch: dict, where: str = "calibration batch"):
     """One dict per sequence: every tensor with the batch's leading size is cut along it."""
     n = batch["input_ids"].shape[0]
     for key, value in batch.items():

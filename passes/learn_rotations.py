@@ -16,7 +16,6 @@ orthogonal (checked in float64 every step). The user's model is not touched unti
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fxquant.analysis.dataflow import weight_sites
-from fxquant.calibrate import decoder_blocks, require_calibration
+from fxquant.calibrate import decoder_blocks, model_kwargs, require_calibration
+from fxquant.calibration import split_rows
 from fxquant.cayley import CayleySGD, orthogonality_error
 from fxquant.config import GPTQConfig, LearnRotationsConfig, WeightQuantConfig
 from fxquant.errors import PassError, RecipeError, UnsupportedPatternError
@@ -48,12 +48,12 @@ ORTHOGONALITY_TOL = 1e-5  # max |R^T R - I| in float64, checked after every step
 @dataclass(frozen=True)
 class Target:
     """What the rotations are trained against: the later steps applied to the training copy, which
-    matrices a later fold uses, and the round-to-nearest weight format in the loss (None: float)."""
+    matrices a later fold uses, and the weight step whose format the loss rounds to (None: float)."""
 
     steps: tuple
     r1: bool
     r2: bool
-    weights: WeightQuantConfig | None
+    weights: WeightQuantConfig | GPTQConfig | None
     note: str
 
 
@@ -63,12 +63,9 @@ def _ahead(cg) -> tuple:
     return steps[here + 1:] if here is not None else ()
 
 
-def _weight_format(step) -> WeightQuantConfig:
-    """The round-to-nearest twin of a later weight step's format (GPTQ's target quantizer)."""
-    cfg = step.cfg or (GPTQConfig() if COMPENSATED in step.info.provides else WeightQuantConfig())
-    if isinstance(cfg, WeightQuantConfig):
-        return cfg
-    return WeightQuantConfig(cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_ratio, cfg.clip_search, cfg.zero_point)
+def _weight_config(step):
+    """The later weight step's config (a WeightQuantConfig or GPTQConfig: round_weight takes either)."""
+    return step.cfg or (GPTQConfig() if COMPENSATED in step.info.provides else WeightQuantConfig())
 
 
 def _folds(ahead) -> set[str]:
@@ -94,7 +91,7 @@ def plan_target(ahead, cfg: LearnRotationsConfig) -> Target:
     if mode == "rtn" and not weight_steps:
         raise RecipeError("learn_rotations: weights = 'rtn' needs a weight-quantizing step (quantize_weights, gptq) "
                           "after it, the format to round to; use weights = 'float' or 'auto'")
-    weights = _weight_format(weight_steps[0]) if mode == "rtn" else None
+    weights = _weight_config(weight_steps[0]) if mode == "rtn" else None
     if not quantizers and weights is None:
         raise RecipeError("learn_rotations: nothing after it quantizes activations, the KV cache or (with weights = "
                           "'rtn') weights, so every rotation gives the same loss; add quantizers after it")
@@ -153,11 +150,13 @@ def _checkpointed(model, blocks: list[str]):
 
 def _rows(cg) -> list[dict]:
     """The calibration batches split into single rows (each step takes `batch_size` of them)."""
-    rows = []
-    for batch in cg.context.calibration:
-        n = next(iter(batch.values())).shape[0]
-        rows += [{k: v[i:i + 1] for k, v in batch.items()} for i in range(n)]
-    return rows
+    return [row for batch in cg.context.calibration for row in split_rows(batch)]
+
+
+def _predicted(row: dict) -> torch.Tensor | None:
+    """Which next-token predictions of a [1, seq] row count: both tokens real (None: all of them)."""
+    mask = row.get("attention_mask")
+    return None if mask is None else mask[0, 1:].bool() & mask[0, :-1].bool()
 
 
 def _token_loss(model, row: dict, extra: dict) -> tuple[torch.Tensor, int]:
@@ -168,11 +167,8 @@ def _token_loss(model, row: dict, extra: dict) -> tuple[torch.Tensor, int]:
     logits = logits[0, :-1]
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-    mask = row.get("attention_mask")
-    if mask is not None:
-        keep = mask[0, 1:].bool() & mask[0, :-1].bool()
-        return nll[keep].sum(), int(keep.sum())
-    return nll.sum(), nll.numel()
+    keep = _predicted(row)
+    return (nll.sum(), nll.numel()) if keep is None else (nll[keep].sum(), int(keep.sum()))
 
 
 @dataclass
@@ -183,7 +179,7 @@ class _Trainer:
     sites: tuple
     base: dict
     rounded: frozenset
-    weights: WeightQuantConfig | None
+    weights: WeightQuantConfig | GPTQConfig | None
     transposed: dict
     blocks: list
     extra: dict
@@ -200,7 +196,7 @@ class _Trainer:
                   for fqn, v in values.items()}
         used = {fqn: v.detach().requires_grad_() for fqn, v in values.items()}
         total, tokens = 0.0, 0
-        counts = [_token_loss_count(r) for r in rows]
+        counts = [_token_count(r) for r in rows]
         scale = 1.0 / max(1, sum(counts))
         with substituted(self.model, used), (_checkpointed(self.model, self.blocks) if checkpointing else nullcontext()):
             for row in rows:
@@ -213,7 +209,7 @@ class _Trainer:
         return total / max(1, tokens), grads
 
 
-def _rounded(w: torch.Tensor, transposed: bool, cfg: WeightQuantConfig) -> torch.Tensor:
+def _rounded(w: torch.Tensor, transposed: bool, cfg) -> torch.Tensor:
     """round_weight(w) exactly, differentiable as fake_quantize_ste: straight through the rounding,
     exact through each group's scale (so the rotation sees the weight outliers that coarsen a grid)."""
     c = canonical(w, transposed)
@@ -221,11 +217,9 @@ def _rounded(w: torch.Tensor, transposed: bool, cfg: WeightQuantConfig) -> torch
     return canonical(round_weight(c.detach(), cfg) + (surrogate - surrogate.detach()), transposed)
 
 
-def _token_loss_count(row: dict) -> int:
-    mask = row.get("attention_mask")
-    if mask is None:
-        return row["input_ids"].shape[1] - 1
-    return int((mask[0, 1:].bool() & mask[0, :-1].bool()).sum())
+def _token_count(row: dict) -> int:
+    keep = _predicted(row)
+    return row["input_ids"].shape[1] - 1 if keep is None else int(keep.sum())
 
 
 def _stored(site) -> tuple:
@@ -266,8 +260,8 @@ def _trainer(cg, structure, target: Target) -> _Trainer:
                 w = params[fqn]
                 w.copy_(canonical(round_weight(canonical(w, quantized[fqn]), target.weights), quantized[fqn]))
     blocks = decoder_blocks(model, [s.module for s in weight_sites(trained)])
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    return _Trainer(model, sites, base, frozenset(set(quantized) & rotated), target.weights, transposed, blocks, extra)
+    return _Trainer(model, sites, base, frozenset(set(quantized) & rotated), target.weights, transposed, blocks,
+                    model_kwargs(model))
 
 
 def _check_orthogonal(opt: CayleySGD, step: int) -> None:
