@@ -22,6 +22,7 @@ ROTATION_KINDS = ("hadamard", "random-hadamard", "random-orthogonal")  # = fxqua
 ROTATION_SOURCES = (*ROTATION_KINDS, "learned")  # "learned": the matrix a learn_rotations step trained
 TRAINED_WEIGHTS = ("auto", "float", "rtn")  # the weights learn_rotations trains against (LearnRotationsConfig)
 PRECISIONS = ("float64", "float32")
+R1_MODES = ("auto", "fold", "online")  # rotate_residual: fold Q into the stream, rotate reader inputs online, or pick
 
 
 def _ratio(owner: str, field: str, value, lo_open: bool = True) -> None:
@@ -53,12 +54,15 @@ class _FormatFields:
 
 @dataclass(frozen=True)
 class NormFoldConfig:
-    """fold_norms: the float precision the folding math runs in."""
+    """fold_norms (and R4's fold): the float precision the folding math runs in; `strict` refuses the
+    whole model when analysis left any place unproven (default: only places the pass needs)."""
 
     precision: str = "float64"
+    strict: bool = False
 
     def __post_init__(self):
         _one_of("NormFoldConfig", "precision", self.precision, PRECISIONS)
+        _one_of("NormFoldConfig", "strict", self.strict, (True, False))
 
 
 @dataclass(frozen=True)
@@ -66,15 +70,17 @@ class RotationConfig:
     """R1 / R2: which orthogonal matrix (`rotation`), its seed, an optional block-diagonal size.
 
     `rotation = "learned"` folds the matrices an earlier `learn_rotations` step trained (seed and
-    block_size do not apply then).
+    block_size do not apply then). `strict` refuses the model when analysis left any place unproven.
     """
 
     rotation: str = "random-hadamard"
     seed: int = 0
     block_size: int | None = None
     precision: str = "float64"
+    strict: bool = False
 
     def __post_init__(self):
+        _one_of("RotationConfig", "strict", self.strict, (True, False))
         _one_of("RotationConfig", "rotation", self.rotation, ROTATION_SOURCES)
         _int_in("RotationConfig", "seed", self.seed, 0, 2 ** 63 - 1)
         if self.block_size is not None:
@@ -82,6 +88,22 @@ class RotationConfig:
             if self.rotation in ("random-orthogonal", "learned"):
                 raise RecipeError("RotationConfig.block_size applies to 'hadamard' and 'random-hadamard' only")
         _one_of("RotationConfig", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class ResidualRotationConfig(RotationConfig):
+    """R1 (rotate_residual): a RotationConfig and where Q goes. `mode = "fold"` folds Q into every
+    embedding, writer and reader; `"online"` rotates each reader's input by a Hadamard op at inference
+    (its inverse folded into the reader: the stream itself is not rotated), for models whose stream no
+    fold can rotate (a norm on a writer's output, as Gemma 2 / OLMo 2 have); `"auto"` folds where
+    analysis proves it and goes online otherwise, and reports which.
+    """
+
+    mode: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _one_of("ResidualRotationConfig", "mode", self.mode, R1_MODES)
 
 
 @dataclass(frozen=True)
@@ -107,9 +129,11 @@ class LearnRotationsConfig:
     max_minutes: float | None = None
     checkpoint: str | None = None
     save_every: int = 10
+    strict: bool = False
 
     def __post_init__(self):
         owner = "LearnRotationsConfig"
+        _one_of(owner, "strict", self.strict, (True, False))
         _one_of(owner, "init", self.init, ROTATION_KINDS)
         _int_in(owner, "seed", self.seed, 0, 2 ** 63 - 1)
         _int_in(owner, "steps", self.steps, 0, 2 ** 31)
@@ -296,7 +320,7 @@ class AWQConfig(_FormatFields):
         _one_of("AWQConfig", "precision", self.precision, PRECISIONS)
 
 
-CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, LearnRotationsConfig, WeightQuantConfig,
+CONFIG_TYPES = {cls.__name__: cls for cls in (NormFoldConfig, RotationConfig, ResidualRotationConfig, LearnRotationsConfig, WeightQuantConfig,
                                               ActQuantConfig, KVQuantConfig, SmoothQuantConfig, AWQConfig, CLEConfig,
                                               GPTQConfig)}
 

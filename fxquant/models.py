@@ -44,6 +44,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen2_moe": dict(  # experts + a gated shared expert
         _COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
     ),
+    "olmo2": dict(_COMMON),  # sandwich norms: a norm on each writer's output (R1 online), q/k norms over all heads
+    "gemma3_text": dict(_COMMON, head_dim=16),  # sandwich norms, (1 + w) norms, q/k norms, sliding layers
     "gpt2": dict(  # Conv1D weights [in, out], fused c_attn, GELU(tanh), learned positions, tied
         n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1, eos_token_id=2,
     ),

@@ -31,7 +31,7 @@ class OpClass(enum.Enum):
     ELEMENTWISE = "elementwise"  # other pointwise math (gelu, silu, x*y, x+c): commutes with neither
     RESIDUAL_ADD = "residual_add"  # x + y of equal shape: (x T) + (y T) = (x + y) T
     NORM = "norm"  # a fused norm op (layer_norm, rms_norm); decomposed RMSNorm is recognised by analysis.norms
-    ATTENTION = "attention"  # SDPA: output head h = weighted sum of value head kv(h) over tokens
+    ATTENTION = "attention"  # SDPA, or softmax(.) @ v written out: head h = weighted sum of value head kv(h) over tokens
     LINEAR = "linear"  # reads a weight: linear, addmm (Conv1D), matmul with a parameter
     EMBEDDING = "embedding"
     ONLINE = "online"  # an fxquant online transform (fxquant::hadamard): orthogonal, mixes channels
@@ -46,16 +46,23 @@ _VIEW_OPS = {
     aten.split_with_sizes.default, aten.chunk.default, aten.contiguous.default, aten.clone.default,
     aten.alias.default, aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
     aten.type_as.default, aten.detach.default, aten.flatten.using_ints, aten.unflatten.int, aten.t.default,
-    operator.getitem,
+    aten.numpy_T.default, aten.repeat.default, operator.getitem,
 }
 _DTYPE_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 _POSITIVE_HOMOGENEOUS = {aten.relu.default, aten.leaky_relu.default}  # f(a x) = a f(x) for a > 0
 _POINTWISE = {
     aten.gelu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default, aten.neg.default,
     aten.pow.Tensor_Scalar, aten.exp.default, aten.sub.Tensor, aten.div.Tensor, aten.rsqrt.default,
-    aten.sqrt.default, aten.mean.dim, aten.erf.default,
+    aten.sqrt.default, aten.mean.dim, aten.erf.default, aten.square.default, aten.softplus.default,
+    aten.expm1.default, aten.log1p.default, aten.abs.default, aten.clamp.default, aten.clamp_min.default,
+    aten.clamp_max.default, aten.minimum.default, aten.maximum.default, aten.where.self, aten.gt.Scalar,
+    aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.mish.default, aten.hardtanh.default,
+    aten.elu.default, aten.log.default,
 }
-_IGNORE = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
+_IGNORE = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default,
+           # read only their input's shape and dtype (MLA builds its keys in a new_empty of v's shape)
+           aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.empty_like.default,
+           aten.zeros_like.default, aten.ones_like.default}
 # grouped (MoE expert) matmuls: x[tokens of expert e] @ W[e]; transformers registers its own fallback
 _GROUPED_MM = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
 _TABLE: dict[object, OpClass] = {
@@ -90,7 +97,7 @@ def classify(node: torch.fx.Node) -> OpClass:
     if node.target in (aten.mul.Tensor, aten.div.Tensor):
         # x * s commutes with any channel transform when s is constant along the channel dim
         return OpClass.COMMUTES_ORTHOGONAL if _scales_tokens_only(node) else OpClass.ELEMENTWISE
-    if node.target is aten.add.Tensor:
+    if node.target in (aten.add.Tensor, aten.add_.Tensor):  # add_: the residual written in place
         # x + y commutes when both sides carry the channel dim: (xT + yT) = (x + y)T
         return OpClass.RESIDUAL_ADD if _same_shape_tensors(node) else OpClass.ELEMENTWISE
     if node.target is aten.sum.dim_IntList:
@@ -101,7 +108,66 @@ def classify(node: torch.fx.Node) -> OpClass:
         return OpClass.BARRIER if len(node.args[1]) >= len(_shape(node.args[0]) or ()) else OpClass.VIEW
     if getattr(node.target, "_schema", None) is not None and node.target._schema.name in _GROUPED_MM:
         return OpClass.LINEAR
+    if node.target in _MATMULS and is_eager_attention(node):
+        return OpClass.ATTENTION
+    if node.target in _MATMULS and matmul_weight(node) is not None:
+        return OpClass.LINEAR  # x @ W.T (or x @ W) written out with a weight tensor
     return _TABLE.get(node.target, OpClass.BARRIER)
+
+
+_MATMULS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
+_TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.transpose.int)
+
+
+def matmul_weight(node: torch.fx.Node) -> tuple[torch.fx.Node, bool] | None:
+    """(placeholder, stored [..., in, out]) when the right operand of a matmul is a 2-D graph input (a
+    weight candidate: `capture` lifts parameters to placeholders), or a 3-D one (stacked experts,
+    `bmm(x[E, tokens, in], W[E, in, out])`), read through transposes of its last two dims and casts;
+    else None. `x @ W.T` with W [out, in] (nn.Linear's layout) gives False, `x @ W` with W [in, out] True."""
+    if node.op != "call_function" or node.target not in _MATMULS or len(node.args) < 2:
+        return None
+    w, flips = node.args[1], 0
+    while isinstance(w, torch.fx.Node) and w.op == "call_function" and (is_dtype_cast(w) or w.target in _TRANSPOSES):
+        rank = len(_shape(w.args[0]) or ())
+        swaps_last_two = (w.target is aten.transpose.int and rank >= 2 and
+                          {_normal_dim(d, rank) for d in w.args[1:3]} == {rank - 2, rank - 1})
+        if not is_dtype_cast(w) and not swaps_last_two and not (rank == 2 and w.target in _TRANSPOSES):
+            return None
+        flips += not is_dtype_cast(w)
+        w = w.args[0]
+    if not isinstance(w, torch.fx.Node) or w.op != "placeholder" or len(_shape(w) or ()) not in (2, 3):
+        return None
+    return w, flips % 2 == 0
+_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
+_PASS_PROBS = (aten.dropout.default, aten.clone.default, aten.contiguous.default)  # keep P as it is
+
+
+def is_eager_attention(node: torch.fx.Node) -> bool:
+    """`softmax(scores, -1) @ v` written out by the model (eager attention, e.g. with soft-capped
+    scores): each output row is a weighted sum of v's rows over tokens, as in SDPA. The weights may
+    pass dtype casts and eval dropout on the way."""
+    if node.op != "call_function" or node.target not in _MATMULS or len(node.args) < 2:
+        return False
+    probs = node.args[0]
+    while isinstance(probs, torch.fx.Node) and (is_dtype_cast(probs) or probs.target in _PASS_PROBS or (
+            probs.op == "call_function" and probs.target in _VIEW_OPS and keeps_channels(probs, probs.args[0]))):
+        probs = probs.args[0]  # views that keep the token axis the softmax ran over (heads folded into batch)
+    if not isinstance(probs, torch.fx.Node) or probs.target not in _SOFTMAX:
+        return False
+    rank = len(_shape(probs) or ())
+    return rank >= 2 and _normal_dim(probs.args[1], rank) == rank - 1
+
+
+def attention_value(node: torch.fx.Node):
+    """The value input of an ATTENTION node (SDPA's third argument; `v` in softmax(.) @ v)."""
+    return node.args[2] if node.target is aten.scaled_dot_product_attention.default else node.args[1]
+
+
+def attention_mixers(node: torch.fx.Node) -> tuple:
+    """The inputs of an ATTENTION node that weigh tokens, not channels: SDPA's q and k (and mask);
+    the probabilities of softmax(.) @ v."""
+    value = attention_value(node)
+    return tuple(a for a in node.all_input_nodes if a is not value)
 
 
 def carried_input(node: torch.fx.Node):
@@ -135,6 +201,8 @@ def keeps_channels(node: torch.fx.Node, src: torch.fx.Node) -> bool:
         return True  # last dim size unchanged and these ops never permute within it
     if node.target is aten.index.Tensor:
         return True  # classify() admits only gathers over leading dims
+    if node.target is aten.repeat.default:
+        return len(node.args[1]) == len(shape_in) and node.args[1][-1] == 1  # copies rows, never channels
     if node.target in (aten.slice.Tensor, aten.select.int):
         return _normal_dim(node.args[1] if len(node.args) > 1 else 0, len(shape_in)) != len(shape_in) - 1
     if node.target is aten.transpose.int:

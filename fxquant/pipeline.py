@@ -44,14 +44,21 @@ class Change:
 
 @dataclass(frozen=True)
 class PassResult:
-    """What one pass did (`changes`) and what it declined to do, each with a reason (`blocked`)."""
+    """What one pass did (`changes`) and what it declined to do, each with a reason (`blocked`).
+    `invalidates`: "graph" / "structure" when this run went stale in a way the pass does not always
+    (it replaced a module, added a hook), on top of what its @fxpass declares."""
 
     changes: tuple[Change, ...] = ()
     blocked: tuple = ()
+    invalidates: frozenset = frozenset()
 
     def __post_init__(self):
         object.__setattr__(self, "changes", tuple(self.changes))
         object.__setattr__(self, "blocked", tuple(self.blocked))
+        object.__setattr__(self, "invalidates", frozenset(self.invalidates))
+        if not self.invalidates <= {GRAPH, STRUCTURE}:
+            raise PassError(f"PassResult.invalidates may name {GRAPH!r} and {STRUCTURE!r} only, got "
+                            f"{sorted(self.invalidates)}; declare other facts in @fxpass(invalidates=...)")
 
     @property
     def modified(self) -> bool:
@@ -309,7 +316,7 @@ class Pipeline:
 
     def _settle(self, step: Step, result: PassResult, state: _State) -> None:
         """Re-capture / re-analyse as the pass declared, lint and recompile, then verify outputs."""
-        gone = step.info.invalidates if result.modified else frozenset()
+        gone = (step.info.invalidates | result.invalidates) if result.modified else frozenset()
         with _blame(step.name, state.done, "left a graph the pipeline could not rebuild or lint"):
             state.stale = state.stale or GRAPH in gone
             if _signature(state.cg.gm.graph) != state.signature:  # the pass edited the graph itself

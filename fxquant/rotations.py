@@ -107,6 +107,12 @@ def rotated_values(sites, base: dict[str, torch.Tensor], matrices: dict[str, tor
 
 def refuse_unfolded_norms(cg, structure, purpose: str) -> None:
     """Raise before any edit when a stream norm still scales or centres its input."""
+    for src in structure.stream.sources:
+        if src.norm is not None:
+            raise UnsupportedPatternError(
+                f"{purpose} refused, nothing was changed: embedding '{src.module}' is followed by its own norm "
+                f"'{src.norm.module}', which a rotation of the stream cannot pass; run fold_norms first (it folds "
+                "that norm into the table)")
     for group in structure.stream.groups:
         norm = group.norm
         if norm is None:

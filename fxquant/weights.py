@@ -161,6 +161,24 @@ def center_out(weight, bias, *, transposed=False, precision=DEFAULT_PRECISION) -
 
 
 @torch.no_grad()
+def normalize_rows(table, affine: tuple, *, kind: str, eps: float, offset: float = 0.0,
+                   precision=DEFAULT_PRECISION) -> None:
+    """table[i] <- norm(table[i]): an embedding's own norm folded into its table (norm(E[ids]) ==
+    norm(E)[ids]); `kind` "layer" subtracts the row mean first, then rows * rsqrt(mean(x^2) + eps) *
+    (offset + weight) + bias with `affine` = (weight, bias) (either None), in `precision`."""
+    weight, bias = affine
+    x = table.detach().to(precision)
+    if kind == "layer":
+        x = x - x.mean(dim=-1, keepdim=True)
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        x = x * (weight.detach().to(precision) + offset)
+    if bias is not None:
+        x = x + bias.detach().to(precision)
+    _write(table, x)
+
+
+@torch.no_grad()
 def assign(target: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite a parameter's values in place (fake-quantized weights, folded norm weights)."""
     _write(target, value)

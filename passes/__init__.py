@@ -6,7 +6,7 @@ configuration). Recipes name passes only through this table.
 from __future__ import annotations
 
 from fxquant.config import (
-    ActQuantConfig, AWQConfig, CLEConfig, GPTQConfig, KVQuantConfig, LearnRotationsConfig, NormFoldConfig, RotationConfig,
+    ActQuantConfig, AWQConfig, CLEConfig, GPTQConfig, KVQuantConfig, LearnRotationsConfig, NormFoldConfig, ResidualRotationConfig, RotationConfig,
     SmoothQuantConfig, WeightQuantConfig,
 )
 from fxquant.passes.awq import awq_clip, awq_scale
@@ -25,7 +25,7 @@ PASSES = {
     "fold_norms": (fold_norms, NormFoldConfig),  # norm weights/bias -> readers; LayerNorm stream centred
     "layernorms_to_rms": (layernorms_to_rms, None),  # centred LayerNorm -> weightless RMSNorm
     "learn_rotations": (learn_rotations, LearnRotationsConfig),  # SpinQuant: train R1/R2 (calibrated)
-    "rotate_residual": (rotate_residual, RotationConfig),  # R1
+    "rotate_residual": (rotate_residual, ResidualRotationConfig),  # R1 (folded, or online where a fold is unproven)
     "rotate_vo": (rotate_vo, RotationConfig),  # R2
     "insert_online_hadamard": (insert_online_hadamard, NormFoldConfig),  # R4 (precision of the fold)
     "rotate_qk": (rotate_qk, None),  # R3: Hadamard on q and k after RoPE, inside attention

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from fxquant.analysis.structure import NORM_FOLD, RESIDUAL, Blocked, scope
 from fxquant.config import NormFoldConfig
 from fxquant.errors import UnsupportedPatternError
-from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.weights import add_bias, assign, center_out, replace_module, scale_in, shift_in, untie_shared
+from fxquant.pipeline import GRAPH, Change, PassResult, fxpass
+from fxquant.weights import (
+    add_bias, assign, center_out, normalize_rows, replace_module, scale_in, shift_in, untie_shared,
+)
 
 CENTRED_ATOL = 1e-5  # relative: |row mean| <= CENTRED_ATOL * max|row| counts as mean-free
 
@@ -82,22 +85,59 @@ def _refuse_expert_readers_of_biased_norms(structure) -> None:
 @fxpass(requires={"weights_float"}, provides={"norms_folded"})
 def fold_norms(cg, structure, cfg: NormFoldConfig | None) -> PassResult:
     """Fold each stream norm's weight/bias into its readers; centre the stream of LayerNorm models."""
-    structure.refuse_if_blocked("fold_norms")
-    centre = _check_layernorm_model(structure)
+    cfg = cfg or NormFoldConfig()
+    structure.refuse_if_blocked("fold_norms", (), strict=cfg.strict)
+    groups, left = _foldable_groups(structure)
+    unproven = structure.blocking([RESIDUAL])  # centring edits every writer: the whole stream must be known
+    centre = not unproven and _check_layernorm_model(structure)
+    if unproven and any(g.norm.kind == "layer" for g in groups):
+        left += (Blocked(unproven[0].node, unproven[0].module, "the stream is not centred (LayerNorm stays): "
+                                                                 + unproven[0].reason, unproven[0].blocks),)
     _refuse_expert_readers_of_biased_norms(structure)
     prec, changes = _precision(cfg), []
-    for group in structure.stream.groups:
-        if group.norm is not None:
-            changes += _fold_group(cg, group, prec)
+    own = [src for src in structure.stream.sources if src.norm is not None]
+    for src in own:  # first: a tied lm_head keeps the table it had, and centring sees the folded rows
+        changes += _fold_source_norm(cg, src, prec)
+    for group in groups:
+        changes += _fold_group(cg, group, prec)
     if centre:  # after the folds: a tied lm_head was untied above, so centring the embedding spares it
         for src in structure.stream.sources:
+            if untie_shared(cg.model, src.module, src.weight.name):  # an output layer sharing it keeps its rows
+                changes.append(Change("untied", src.weight.fqn, "its tied twin keeps the old values"))
             center_out(cg.param(src.weight), None, transposed=True, precision=prec)
             changes.append(Change("centred", src.module, "embedding rows mean-free"))
         for w in structure.stream.writers:
             center_out(cg.param(w.weight), cg.param(w.bias) if w.bias else None,
                        transposed=w.transposed, precision=prec)
             changes.append(Change("centred", w.module, "outputs mean-free"))
-    return PassResult(tuple(changes))
+    return PassResult(tuple(changes), left, invalidates={GRAPH} if own else ())  # a norm became Identity
+
+
+def _fold_source_norm(cg, src, prec) -> list[Change]:
+    """norm(E[ids]) == norm(E)[ids]: the embedding's own norm moves into its table, the module becomes
+    Identity (the stream then starts at the lookup, and R1 folds into the table as usual)."""
+    norm, changes = src.norm, []
+    if untie_shared(cg.model, src.module, src.weight.name):
+        changes.append(Change("untied", src.weight.fqn, "its tied twin keeps the old values"))
+    affine = tuple(cg.param(ref) if ref else None for ref in (norm.weight, norm.bias))
+    normalize_rows(cg.param(src.weight), affine, kind=norm.kind, eps=norm.eps, offset=norm.offset, precision=prec)
+    replace_module(cg.model, norm.module, torch.nn.Identity())
+    return changes + [Change("folded", norm.module, f"{norm.kind} norm of {src.module} folded into its table "
+                                                    "(now Identity)")]
+
+
+def _foldable_groups(structure):
+    """The stream norms whose fold is proven, and the places that left the others as they are."""
+    groups, left = [], []
+    for group in structure.stream.groups:
+        if group.norm is None:
+            continue
+        stop = structure.blocking([scope(NORM_FOLD, group.norm.module)])
+        if stop:
+            left += stop
+        else:
+            groups.append(group)
+    return groups, tuple(dict.fromkeys(left))
 
 
 def _mean_free(t: torch.Tensor, transposed: bool) -> bool:
@@ -123,13 +163,17 @@ def layernorms_to_rms(cg, structure, cfg) -> PassResult:
     norms = [g.norm for g in structure.stream.groups if g.norm is not None and g.norm.kind == "layer"]
     if not norms:
         return PassResult()
+    unproven = structure.blocking([RESIDUAL])
+    if unproven:  # the stream was not centred (fold_norms said why): the LayerNorms must stay
+        return PassResult((), (Blocked(unproven[0].node, unproven[0].module, "LayerNorms kept: the stream "
+                                       "cannot be centred, " + unproven[0].reason, unproven[0].blocks),))
     _refuse_uncentred(cg, structure)
     for norm in norms:
-        for ref, identity in ((norm.weight, 1.0), (norm.bias, 0.0)):
+        for ref, identity, what in ((norm.weight, 1.0 - norm.offset, "weight"), (norm.bias, 0.0, "bias")):
             if ref is not None and not bool((cg.param(ref) == identity).all()):
                 raise UnsupportedPatternError(
                     f"layernorms_to_rms refused, nothing was changed: LayerNorm '{norm.module}' still has a "
-                    f"non-trivial {'weight' if identity else 'bias'}; run fold_norms first")
+                    f"non-trivial {what}; run fold_norms first")
     changes = []
     for norm in norms:
         old = cg.model.get_submodule(norm.module)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fxquant.analysis.dataflow import weight_sites
+from fxquant.analysis.structure import RESIDUAL
 from fxquant.calibrate import decoder_blocks, model_kwargs, require_calibration
 from fxquant.calibration import split_rows
 from fxquant.cayley import CayleySGD, orthogonality_error
@@ -312,9 +313,10 @@ def _train(cg, cfg: LearnRotationsConfig, trainer: _Trainer, opt: CayleySGD, pro
 def learn_rotations(cg, structure, cfg: LearnRotationsConfig | None) -> PassResult:
     """Train R1 / R2 against the recipe's later quantizers; a later fold with rotation = 'learned' uses them."""
     cfg = cfg or LearnRotationsConfig()
-    structure.refuse_if_blocked("learn_rotations (R1, R2)")
-    refuse_unfolded_norms(cg, structure, "learn_rotations (R1)")
     target = plan_target(_ahead(cg), cfg)
+    structure.refuse_if_blocked("learn_rotations (R1, R2)", [RESIDUAL] if target.r1 else [], strict=cfg.strict)
+    if target.r1:
+        refuse_unfolded_norms(cg, structure, "learn_rotations (R1)")
     start = initial_matrices(structure, target, cfg)
     opt = CayleySGD(start, lr=cfg.lr, momentum=cfg.momentum)
     done, losses = load_checkpoint(cfg, opt) if cfg.checkpoint else (0, [])

@@ -20,13 +20,11 @@ from __future__ import annotations
 import torch
 
 from fxquant.analysis.dataflow import hookable_modules, shape_of
-from fxquant.analysis.structure import Blocked
+from fxquant.analysis.structure import INPUT, Blocked
 from fxquant.config import NormFoldConfig
-from fxquant.hadamard import check_rotation, hadamard_transform
-from fxquant.install import attention_nodes, install_in_attention
+from fxquant.hadamard import check_rotation
+from fxquant.install import attention_nodes, install_in_attention, install_online_hadamard
 from fxquant.pipeline import Change, PassResult, fxpass
-from fxquant.runtime.hooks import OnlineHadamard
-from fxquant.weights import rotate_in
 
 
 def check_online_sizes(cg, structure, cfg) -> None:
@@ -38,18 +36,18 @@ def check_online_sizes(cg, structure, cfg) -> None:
 @fxpass(requires={"weights_float"}, provides={"online_r4"}, invalidates={"graph"}, check=check_online_sizes)
 def insert_online_hadamard(cg, structure, cfg: NormFoldConfig | None) -> PassResult:
     """Hadamard-rotate each down_proj input online and fold the inverse into down_proj's weight."""
-    prec = getattr(torch, (cfg or NormFoldConfig()).precision)
+    cfg = cfg or NormFoldConfig()
+    structure.refuse_if_blocked("insert_online_hadamard (R4)", (), strict=cfg.strict)
+    prec = getattr(torch, cfg.precision)
     hookable = hookable_modules(cg)
-    changes, blocked = [], []
+    changes, blocked = [], list(structure.blocking([INPUT]))  # unexplained inputs: left as they are
     for online in structure.online_sites:
         site = online.linear
-        module = cg.model.get_submodule(site.module)
         if site.module not in hookable:
             blocked.append(Blocked(site.node, site.module, "R4: the linear runs inside a larger module, so no "
                                                             "hook can rotate its input alone"))
             continue
-        rotate_in(cg.param(site.weight), hadamard_transform, transposed=site.transposed, precision=prec)
-        module.register_forward_pre_hook(OnlineHadamard(), prepend=True)  # before any activation quantizer
+        install_online_hadamard(cg, site, prec)
         changes.append(Change("inserted", site.module, f"R4 online Hadamard({site.in_features}) on its input"))
     return PassResult(tuple(changes), tuple(blocked))
 

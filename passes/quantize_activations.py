@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.analysis.dataflow import hookable_modules, linear_sites, shape_of
+from fxquant.analysis.dataflow import hookable_modules, linear_input, linear_sites, shape_of, trace_views_back
 from fxquant.analysis.structure import Blocked
 from fxquant.calibrate import SiteGroup, observe, require_calibration, sweep
 from fxquant.config import ActQuantConfig, KVQuantConfig
@@ -25,20 +25,36 @@ from fxquant.errors import RecipeError
 from fxquant.install import attention_nodes, install_in_attention
 from fxquant.pipeline import Change, PassResult, fxpass
 from fxquant.quant.format import QuantFormat
+from fxquant.ops import OpClass, classify
+from fxquant.runtime.kernels.ops import FAST_FAKE_QUANT
+from fxquant.runtime.library import FAKE_QUANT
 from fxquant.quant.numerics import CLIP_GRID, clip_errors
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, activation_hooks, remove_activation_hooks
 from fxquant.weights import canonical
 
 
-def _bits_of(cfg: ActQuantConfig, module, is_output: bool) -> int | None:
-    """The activation bits of one linear's input: the output layer's own (None: float), those of an
-    input an online Hadamard rotates (R4) when given, else `bits`."""
+def _bits_of(cfg: ActQuantConfig, module, role: tuple[bool, bool]) -> int | None:
+    """The activation bits of one linear's input, `role` = (is the output layer, is an R4 site): the
+    output layer's own (None: float), those of an MLP input an online Hadamard rotates (R4) when
+    given (not a reader R1 rotates online), else `bits`."""
+    is_output, r4_site = role
     if is_output:
         return cfg.output_layer_bits
-    if cfg.rotated_input_bits is not None and any(isinstance(h, OnlineHadamard)
-                                                  for h in module._forward_pre_hooks.values()):
+    if cfg.rotated_input_bits is not None and r4_site and any(isinstance(h, OnlineHadamard)
+                                                              for h in module._forward_pre_hooks.values()):
         return cfg.rotated_input_bits
     return cfg.bits
+
+
+def _rotated_mlp_input(cg, site) -> bool:
+    """Is this linear's input an online Hadamard of MLP activations (R4), read from the graph? (R1
+    online rotates a norm's output instead: those readers keep `bits`.)"""
+    x = trace_views_back(linear_input(cg.node(site.node)))[0]
+    if x.target in (FAKE_QUANT, FAST_FAKE_QUANT):  # the quantizer an earlier config installed after it
+        x = trace_views_back(x.args[0])[0]
+    if classify(x) is not OpClass.ONLINE:
+        return False
+    return classify(trace_views_back(x.args[0])[0]) in (OpClass.ELEMENTWISE, OpClass.COMMUTES_DIAG)
 
 
 SEARCH_TOKENS = 8192  # act_clip_search: the calibration tokens each layer's clip ratio is chosen on
@@ -59,7 +75,7 @@ def quantize_activations(cg, structure, cfg: ActQuantConfig | None) -> PassResul
     changes, blocked, sites = [], [], {}
     for site, is_output in linear_sites(cg):
         module = cg.model.get_submodule(site.module)
-        bits = _bits_of(cfg, module, is_output)
+        bits = _bits_of(cfg, module, (is_output, _rotated_mlp_input(cg, site)))
         if bits is None:  # the output layer stays float: a quantizer an earlier config put there goes
             if remove_activation_hooks(module):
                 changes.append(Change("act-quant", site.module, "removed: the output layer stays float"))

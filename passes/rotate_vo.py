@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fxquant.analysis.structure import VALUE_ROTATION
 from fxquant.config import RotationConfig
 from fxquant.hadamard import check_rotation, rotation_operator
 from fxquant.rotations import check_learned_source, learned_matrix, r2_key
@@ -34,9 +35,9 @@ def check_head_rotation(cg, structure, cfg: RotationConfig | None) -> None:
 def rotate_vo(cg, structure, cfg: RotationConfig | None) -> PassResult:
     """Fold one orthogonal R per layer (R2) into each v->o chain, per KV head, GQA-aware."""
     cfg = cfg or RotationConfig()
-    structure.refuse_if_blocked("rotate_vo (R2)")
+    structure.refuse_if_blocked("rotate_vo (R2)", (), strict=cfg.strict)  # each chain found is proven
     prec = getattr(torch, cfg.precision)
-    changes = []
+    changes, left = [], structure.blocking([VALUE_ROTATION])  # attentions with no provable v->o chain
     for index, chain in enumerate(structure.vo_chains):
         if cfg.rotation == "learned":
             r = learned_matrix(cg, r2_key(chain), "rotate_vo (R2)")
@@ -51,4 +52,4 @@ def rotate_vo(cg, structure, cfg: RotationConfig | None) -> PassResult:
                 rotate_in(o_w, r, transposed=chain.o.transposed, cols=cols, precision=prec)
         changes.append(Change("rotated", chain.v.module, f"R2 {chain.num_kv_heads} value heads -> "
                                                           f"{chain.num_q_heads} heads of {chain.o.module}"))
-    return PassResult(tuple(changes))
+    return PassResult(tuple(changes), left)

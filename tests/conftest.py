@@ -16,6 +16,7 @@ from fxquant.capture import capture
 from fxquant.models import TINY_CONFIGS, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
+SANDWICH = {"olmo2", "gemma3_text"}  # a norm on each writer's output: R1 cannot fold, so it goes online
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs one process per core: one intra-op thread each, or the workers oversubscribe

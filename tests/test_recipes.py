@@ -7,7 +7,7 @@ import torch
 
 from fxquant import quantize
 from fxquant.api import calibration_batches
-from fxquant.config import RotationConfig, WeightQuantConfig
+from fxquant.config import ResidualRotationConfig, RotationConfig, WeightQuantConfig
 from fxquant.errors import CalibrationError, CaptureError, PassError, RecipeError, UnsupportedPatternError
 from fxquant.models import tiny_model
 from fxquant.recipes import load_recipe
@@ -18,13 +18,14 @@ def test_preset_steps_and_configs():  # the set of preset names: tests/test_pres
                                                                              "quantize_activations"]
     r = load_recipe("rotate-r1r2")
     assert [k for k, _ in r.steps] == ["fold_norms", "layernorms_to_rms", "rotate_residual", "rotate_vo"]
-    assert r.steps[2][1] == RotationConfig("random-hadamard", 0)
+    assert r.steps[2][1] == ResidualRotationConfig("random-hadamard", 0, mode="auto")
 
 
 def test_dict_overrides_every_pass_that_has_the_field():
     r = load_recipe({"preset": "rotate-r1r2-w4a16", "rotation": "random-orthogonal", "seed": 3, "group_size": 64})
     cfgs = dict(r.steps)
-    assert cfgs["rotate_residual"] == cfgs["rotate_vo"] == RotationConfig("random-orthogonal", 3)
+    assert cfgs["rotate_residual"] == ResidualRotationConfig("random-orthogonal", 3)
+    assert cfgs["rotate_vo"] == RotationConfig("random-orthogonal", 3)
     assert cfgs["quantize_weights"] == WeightQuantConfig(bits=4, symmetric=False, group_size=64)
 
 
@@ -32,7 +33,7 @@ def test_toml_and_yaml_files_and_the_dict_round_trip(tmp_path):
     (tmp_path / "mine.toml").write_text(
         'rotation = "hadamard"\n[[passes]]\npass = "fold_norms"\n[[passes]]\npass = "rotate_residual"\nseed = 7\n')
     r = load_recipe(tmp_path / "mine.toml")
-    assert r.name == "mine" and r.steps[1][1] == RotationConfig("hadamard", 7)
+    assert r.name == "mine" and r.steps[1][1] == ResidualRotationConfig("hadamard", 7)
     (tmp_path / "w.yaml").write_text("preset: w4a16\ngroup_size: 32\n")
     assert dict(load_recipe(str(tmp_path / "w.yaml")).steps)["quantize_weights"].group_size == 32
     again = load_recipe(load_recipe("rotate-r1r2-w8a8").to_dict())
@@ -99,8 +100,9 @@ def test_a_failure_mid_recipe_restores_weights_modules_ties_and_config(monkeypat
 def test_blocked_stream_is_refused_naming_the_module_before_any_weight_moves():
     model = tiny_model("opt", do_layer_norm_before=False)  # post-norm: a norm on the writers' outputs
     state = _state(model)
-    with pytest.raises(UnsupportedPatternError, match="model.decoder.layers.0.self_attn_layer_norm"):
-        quantize(model, "rotate-r1r2")
+    with pytest.raises(UnsupportedPatternError, match=r"(?s)model.decoder.layers.0.self_attn_layer_norm.*"
+                                                      r"blocks .*the residual rotation.*mode = 'online'"):
+        quantize(model, {"preset": "rotate-r1r2", "mode": "fold"})
     assert _same(model, state)
 
 
@@ -229,7 +231,7 @@ def test_rollback_removes_the_attention_transform_a_pass_attached(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure inside R4")
 
-    monkeypatch.setattr(online, "rotate_in", broken)
+    monkeypatch.setattr(online, "install_online_hadamard", broken)
     model = tiny_model("llama")
     implementation = model.config._attn_implementation
     with pytest.raises(PassError, match=r"pass 'insert_online_hadamard' failed after .*rotate_qk\]: "

@@ -18,16 +18,16 @@ def test_a_failed_recipe_removes_hooks_of_every_kind_and_restores_the_weights(mo
     down = model.model.layers[0].mlp.down_proj
     online = importlib.import_module("fxquant.passes.online_rotations")
 
-    def broken(weight, *args, **kwargs):  # a pass that edits, hooks in every way torch allows, then fails
+    def broken(cg, site, precision):  # a pass that edits, hooks in every way torch allows, then fails
         with torch.no_grad():
-            weight.mul_(3.0)
+            cg.param(site.weight).mul_(3.0)
         down.register_forward_hook(lambda m, a, out: out * 0)
         down.register_forward_pre_hook(lambda m, a, kw: None, with_kwargs=True)
         down.register_full_backward_hook(lambda m, gi, go: None)
         down.register_state_dict_post_hook(lambda m, sd, prefix, local: None)
         raise RuntimeError("simulated failure after hooking")
 
-    monkeypatch.setattr(online, "rotate_in", broken)
+    monkeypatch.setattr(online, "install_online_hadamard", broken)
     with pytest.raises(PassError, match="simulated failure after hooking"):
         quantize(model, "rotate-r1r2r4")
     hooks = {k: v for k, v in vars(down).items() if "hooks" in k and isinstance(v, dict) and v}

@@ -12,8 +12,8 @@ from fxquant.analysis.mlp import find_mlp_chains
 from fxquant.analysis.norms import find_norms
 from fxquant.analysis.stream import find_residual_stream
 from fxquant.analysis.structure import (
-    Blocked, HeadMap, LinearSite, MLPChain, NormGroup, NormSite, OnlineSite, ResidualStream,
-    StreamSource, Structure, VOChain,
+    INPUT, Blocked, HeadMap, LinearSite, MLPChain, NormGroup, NormSite, OnlineSite, ResidualStream,
+    StreamSource, Structure, VOChain, scope,
 )
 from fxquant.ir import CapturedGraph
 from fxquant.ops import OpClass, classify
@@ -33,7 +33,8 @@ def analyse(cg: CapturedGraph) -> Structure:
     o_inputs = {c.o.node for c in vo_chains}
     mlp_chains, online, mlp_blocked = find_mlp_chains(cg, skip=readers | o_inputs)
     explained = readers | o_inputs | {c.down.node for c in mlp_chains}
-    blocked += stream_blocked + vo_blocked + mlp_blocked + _unexplained_linears(cg, explained, mlp_blocked)
+    latent = {m.site.node: m.site for m in norms}
+    blocked += stream_blocked + vo_blocked + mlp_blocked + _unexplained_linears(cg, explained, mlp_blocked, latent)
     return Structure(
         stream=stream,
         norms=tuple(m.site for m in norms),
@@ -45,7 +46,7 @@ def analyse(cg: CapturedGraph) -> Structure:
     )
 
 
-def _unexplained_linears(cg, explained, already) -> list[Blocked]:
+def _unexplained_linears(cg, explained, already, norm_outputs) -> list[Blocked]:
     reported = {b.node for b in already}
     out = []
     for node in cg.graph.nodes:
@@ -53,10 +54,17 @@ def _unexplained_linears(cg, explained, already) -> list[Blocked]:
             continue
         if classify(trace_views_back(linear_input(node))[0]) is OpClass.ONLINE:
             continue  # its input is rotated online (R4): explained by the op fxquant inserted
+        norm = norm_outputs.get(trace_views_back(linear_input(node))[0].name)
+        if norm is not None and classify(trace_views_back(cg.node(norm.input))[0]) is not OpClass.LINEAR:
+            norm = None  # a norm of something else than a down-projection's output: the generic reason
         if linear_site(cg, node) is None:
             why = "its weight is not a parameter of the model, so no transform can be folded into it"
+        elif norm is not None:
+            why = (f"its input is the output of norm '{norm.module}' on a linear's output (a low-rank latent, as "
+                   "multi-head latent attention has), not on the residual stream: R1 does not reach it, so an online "
+                   "rotation or equalization of this input is left; weight quantization is not affected")
         else:
             why = ("its input is neither a reader of the residual stream, an attention output nor an MLP "
                    "activation: fxquant does not know which transforms its input space allows")
-        out.append(Blocked(node.name, module_of(node), why))
+        out.append(Blocked(node.name, module_of(node), why, frozenset({scope(INPUT, module_of(node))})))
     return out

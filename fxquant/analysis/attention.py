@@ -15,9 +15,11 @@ import torch
 from fxquant.analysis.dataflow import (
     channel_labels, linear_input, linear_site, module_of, real_users, shape_of, trace_views_back, users_outside,
 )
-from fxquant.analysis.structure import Blocked, HeadMap, VOChain
+from fxquant.analysis.structure import VALUE_ROTATION, Blocked, HeadMap, VOChain, scope
 from fxquant.ir import CapturedGraph
-from fxquant.ops import OpClass, classify
+from fxquant.ops import OpClass, attention_value, classify
+
+aten = torch.ops.aten
 
 
 def find_vo_chains(cg: CapturedGraph) -> tuple[list[VOChain], list[Blocked]]:
@@ -31,9 +33,11 @@ def find_vo_chains(cg: CapturedGraph) -> tuple[list[VOChain], list[Blocked]]:
 
 def _vo_chain(cg, attn) -> VOChain | Blocked:
     def fail(why):
-        return Blocked(attn.name, module_of(attn), f"no v->o chain through this attention: {why}")
+        return Blocked(attn.name, module_of(attn), f"no v->o chain through this attention: {why}",
+                       frozenset({scope(VALUE_ROTATION, attn.name)}))
 
-    v_producer, v_views = trace_views_back(attn.args[2])
+    value = attention_value(attn)
+    v_producer, v_views = trace_views_back(value)
     v = linear_site(cg, v_producer)
     if v is None:
         return fail(f"its value input comes from {v_producer.target}, not from a linear layer")
@@ -49,15 +53,41 @@ def _vo_chain(cg, attn) -> VOChain | Blocked:
         labels = channel_labels(v_producer, chain)
     except ValueError as exc:
         return fail(str(exc))
-    heads = _head_maps(labels, head_dim=shape_of(attn.args[2])[-1])
+    heads = _head_maps(labels, head_dim=shape_of(value)[-1])
     if isinstance(heads, str):
         return fail(heads)
-    return VOChain(v, o, attn.name, shape_of(attn.args[2])[-1], heads)
+    return VOChain(v, o, attn.name, shape_of(value)[-1], heads)
 
 
 def _sibling_output(user, chain) -> bool:
-    """Another output of a split on the path (q or k of a fused qkv): it reads other channels."""
-    return user.target is operator.getitem and user.args[0] in chain
+    """Another part of a fused projection on the path (q or k of a fused qkv): it reads other channels.
+    A split's other outputs; a select (BLOOM's [..., 3, head_dim] view) at another index, or a slice
+    of a disjoint range, along the same dim as the path's own."""
+    if user.args and user.args[0] in chain and user.target is operator.getitem:
+        return True
+    if not user.args or user.args[0] not in chain or user.target not in (aten.select.int, aten.slice.Tensor):
+        return False
+    own = [n for n in chain if n.op == "call_function" and n.args and n.args[0] is user.args[0] and n.target is user.target]
+    return bool(own) and all(_disjoint(user, n) for n in own)
+
+
+def _disjoint(a, b) -> bool:
+    """Two selects / slices of one tensor along the same dim that read no common index."""
+    rank = len(shape_of(a.args[0]) or ())
+    dim_a, dim_b = (int(n.args[1]) % rank if len(n.args) > 1 else 0 for n in (a, b))
+    if dim_a != dim_b:
+        return False
+    if a.target is aten.select.int:
+        size = shape_of(a.args[0])[dim_a]
+        return int(a.args[2]) % size != int(b.args[2]) % size
+    (s_a, e_a), (s_b, e_b) = (_span(n, shape_of(a.args[0])[dim_a]) for n in (a, b))
+    return e_a <= s_b or e_b <= s_a
+
+
+def _span(node, size) -> tuple[int, int]:
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    return max(0, start + size if start < 0 else start), min(size, end + size if end < 0 else end)
 
 
 def _reader_through_views(attn):

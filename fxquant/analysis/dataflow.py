@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fxquant.analysis.structure import LinearSite
 from fxquant.ir import META_MODULE, CapturedGraph, ParamRef
-from fxquant.ops import OpClass, classify, is_dtype_cast
+from fxquant.ops import OpClass, attention_mixers, attention_value, classify, is_dtype_cast, matmul_weight
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -65,6 +65,10 @@ def linear_site(cg: CapturedGraph, node: Node) -> LinearSite | None:
         return None
     if node.target is aten.addmm.default:  # Conv1D: bias + x @ W, W stored [in, out]
         bias_arg, weight_arg, transposed = node.args[0], node.args[2], True
+    elif (written := matmul_weight(node)) is not None:  # x @ W.T written out: no bias in the op
+        (weight_arg, transposed), bias_arg = written, None
+        if len(shape_of(weight_arg)) == 3:  # bmm over stacked experts
+            return _stacked_site(cg, node, weight_arg, transposed)
     elif node.target not in (aten.linear.default,):  # grouped mm: x @ W[e], W read as [E, in, out]
         return _expert_site(cg, node)
     else:
@@ -86,6 +90,11 @@ def _expert_site(cg, node) -> LinearSite | None:
     if isinstance(weight_arg, Node) and weight_arg.target is aten.transpose.int and set(
             d % 3 for d in weight_arg.args[1:3]) == {1, 2}:
         weight_arg, transposed = weight_arg.args[0], False  # stored [E, out, in] like nn.Linear
+    return _stacked_site(cg, node, weight_arg, transposed)
+
+
+def _stacked_site(cg, node, weight_arg, transposed: bool) -> LinearSite | None:
+    """The site of stacked expert matrices [E, in, out] (`transposed`) or [E, out, in]."""
     weight, shape = param_ref(cg, weight_arg, node), shape_of(weight_arg)
     if weight is None or shape is None or len(shape) != 3:
         return None
@@ -94,8 +103,10 @@ def _expert_site(cg, node) -> LinearSite | None:
 
 
 def real_users(node: Node) -> list[Node]:
-    """Users that consume the value (shape assertions and size queries excluded)."""
-    return [u for u in node.users if classify(u) is not OpClass.IGNORE]
+    """Users that consume the value (shape assertions, size queries and `y.type_as(node)`, which reads
+    only node's dtype, excluded)."""
+    return [u for u in node.users if classify(u) is not OpClass.IGNORE
+            and not (u.target is aten.type_as.default and u.args[0] is not node)]
 
 
 def trace_views_back(node: Node) -> tuple[Node, list[Node]]:
@@ -154,9 +165,10 @@ def _label_step(node: Node, env: dict) -> torch.Tensor:
 
 
 def _attention_values(node: Node, env: dict) -> torch.Tensor:
-    """SDPA with identity attention: out[b, h, t] = v[b, kv(h), t]; q and k must be off the chain."""
-    q, k, v = node.args[:3]
-    if q in env or k in env or v not in env:
+    """Attention with identity weights: out[b, h, t] = v[b, kv(h), t]; q, k (or the softmax
+    probabilities) must be off the chain."""
+    v = attention_value(node)
+    if any(a in env for a in attention_mixers(node)) or v not in env:
         raise ValueError(f"attention '{node.name}': only its value input may carry the channels traced")
     labels, out_shape = env[v], shape_of(node)
     if labels.shape[-2] != out_shape[-2]:

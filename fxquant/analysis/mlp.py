@@ -13,7 +13,7 @@ import torch
 from fxquant.analysis.dataflow import (
     channel_labels, linear_input, linear_site, module_of, shape_of, trace_views_back, users_outside,
 )
-from fxquant.analysis.structure import Blocked, MLPChain, OnlineSite
+from fxquant.analysis.structure import INPUT, Blocked, MLPChain, OnlineSite, scope
 from fxquant.ir import CapturedGraph
 from fxquant.ops import OpClass, classify
 
@@ -44,7 +44,8 @@ def find_mlp_chains(cg: CapturedGraph, skip: set[str]):
 
 def _mlp_chain(cg, down_node, producer, down_views) -> MLPChain | Blocked | None:
     def fail(why):
-        return Blocked(down_node.name, module_of(down_node), f"input of this linear is not an MLP chain: {why}")
+        return Blocked(down_node.name, module_of(down_node), f"input of this linear is not an MLP chain: {why}",
+                       frozenset({scope(INPUT, module_of(down_node))}))
 
     region, feeders = _pointwise_region(producer)
     if len(feeders) == 1:

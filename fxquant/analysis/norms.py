@@ -4,19 +4,21 @@ RMSNorm arrives decomposed from torch.export; it is recognised from its anchor, 
 
     x * rsqrt(mean(x ** 2, -1, keepdim) + eps)  [-> cast]  [* (w | 1 + w)]  [-> cast]
 
+and a LayerNorm written out the same way (Cohere's) is that with x = h - mean(h, -1, keepdim).
+
 LayerNorm arrives as one `aten.layer_norm`, torch.nn.RMSNorm as one `aten.rms_norm`. Entry point: `find_norms(cg) -> NormMatches`.
 A norm-like anchor that fails a check is returned as Blocked with the failed check.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fxquant.analysis.dataflow import Node, module_of, param_ref, real_users, shape_of
-from fxquant.analysis.structure import Blocked, NormSite
+from fxquant.analysis.structure import NORM_FOLD, Blocked, NormSite, scope
 from fxquant.ir import CapturedGraph
-from fxquant.ops import is_dtype_cast
+from fxquant.ops import OpClass, classify, is_dtype_cast
 
 aten = torch.ops.aten
 
@@ -39,7 +41,15 @@ def find_norms(cg: CapturedGraph) -> tuple[list[NormMatch], list[Blocked]]:
         else:
             continue
         (matches if isinstance(found, NormMatch) else blocked).append(found)
-    return matches, blocked
+    return [_with_ownership(cg, m) for m in matches], blocked
+
+
+def _with_ownership(cg, match: NormMatch) -> NormMatch:
+    """Mark a norm whose module runs other math besides it (casts of its input aside): a pass that
+    would swap the module whole must not."""
+    others = [n for n in cg.graph.nodes if n.op == "call_function" and module_of(n) == match.site.module
+              and n not in match.nodes and classify(n) not in (OpClass.VIEW, OpClass.IGNORE)]
+    return match if not others else NormMatch(replace(match.site, owns_module=False), match.nodes)
 
 
 def _fused_norm(cg, node) -> NormMatch | Blocked:
@@ -53,14 +63,27 @@ def _fused_norm(cg, node) -> NormMatch | Blocked:
         eps = 1e-5 if layer else torch.finfo(_dtype_of(x)).eps
     width = shape_of(x)[-1]
     if list(shape) != [width]:
-        return Blocked(node.name, module_of(node), f"{node.target.__name__} over {list(shape)}, not the last dim only")
+        return Blocked(node.name, module_of(node), f"{node.target.__name__} over {list(shape)}, not the last dim only",
+                       frozenset({scope(NORM_FOLD, module_of(node))}))
+    nodes, offset, weight_ref = {node}, 0.0, None
+    if weight is not None:
+        if _is(weight, aten.add.Tensor) and weight.args[1] == 1.0:  # LayerNorm1P: layer_norm(x, w + 1)
+            nodes.add(weight)
+            weight, offset = weight.args[0], 1.0
+        weight_ref = param_ref(cg, weight, node)
+        if weight_ref is None:
+            return Blocked(node.name, module_of(node), f"{node.target.__name__}'s weight is computed by "
+                           f"{getattr(weight, 'target', weight)}, not a parameter fxquant can read",
+                           frozenset({scope(NORM_FOLD, module_of(node))}))
+    bias_ref = param_ref(cg, bias, node) if isinstance(bias, Node) else None
+    if isinstance(bias, Node) and bias_ref is None:
+        return Blocked(node.name, module_of(node), f"{node.target.__name__}'s bias is computed, not a parameter",
+                       frozenset({scope(NORM_FOLD, module_of(node))}))
     site = NormSite(
         node=node.name, input=x.name, module=module_of(node), kind="layer" if layer else "rms", eps=float(eps),
-        width=width,
-        weight=param_ref(cg, weight, node) if weight is not None else None,
-        bias=param_ref(cg, bias, node) if bias is not None else None,
+        width=width, weight=weight_ref, bias=bias_ref, offset=offset,
     )
-    return NormMatch(site, frozenset([node]))
+    return NormMatch(site, frozenset(nodes))
 
 
 def _dtype_of(node) -> torch.dtype:
@@ -70,7 +93,8 @@ def _dtype_of(node) -> torch.dtype:
 
 def _rms_norm(cg, rsqrt) -> NormMatch | Blocked:
     def fail(why):
-        return Blocked(rsqrt.name, module_of(rsqrt), f"rsqrt is not an RMSNorm I can read: {why}")
+        return Blocked(rsqrt.name, module_of(rsqrt), f"rsqrt is not an RMSNorm I can read: {why}",
+                       frozenset({scope(NORM_FOLD, module_of(rsqrt))}))
 
     add_eps = rsqrt.args[0]
     if not _is(add_eps, aten.add.Tensor) or not isinstance(add_eps.args[1], (int, float)):
@@ -82,17 +106,34 @@ def _rms_norm(cg, rsqrt) -> NormMatch | Blocked:
     if not _is(power, aten.pow.Tensor_Scalar) or power.args[1] != 2:
         return fail("the mean is not of x ** 2")
     x = power.args[0]
-    normed = next((u for u in rsqrt.users if _is(u, aten.mul.Tensor) and set(u.args[:2]) == {x, rsqrt}), None)
+    centre = _centred(x)  # a LayerNorm written out: x = h - mean(h), as Cohere's is
+
+    def same(y) -> bool:  # x itself, or the same h - mean(h) computed again
+        return y is x or (centre is not None and _is(y, aten.sub.Tensor) and tuple(y.args[:2]) == centre)
+
+    normed = next((u for u in rsqrt.users if _is(u, aten.mul.Tensor) and rsqrt in u.args[:2]
+                   and same(u.args[1] if u.args[0] is rsqrt else u.args[0])), None)
     if normed is None:
         return fail("no x * rsqrt(...) product follows")
     nodes = {power, mean, add_eps, rsqrt, normed}
+    if centre is not None:
+        nodes |= {x, centre[1], *(a for a in normed.args[:2] if a is not rsqrt)}
     out = _through_casts(normed, nodes)
     weight, offset, out = _weight_product(cg, out, nodes)
+    source = centre[0] if centre is not None else x
     site = NormSite(
-        node=out.name, input=x.name, module=module_of(rsqrt), kind="rms", eps=float(add_eps.args[1]),
-        width=shape_of(x)[-1], weight=weight, offset=offset,
+        node=out.name, input=source.name, module=module_of(rsqrt), kind="layer" if centre else "rms",
+        eps=float(add_eps.args[1]), width=shape_of(x)[-1], weight=weight, offset=offset,
     )
     return NormMatch(site, frozenset(nodes))
+
+
+def _centred(x):
+    """(h, mean) when x = h - mean(h, -1, keepdim) (a LayerNorm's centring written out), else None."""
+    if not _is(x, aten.sub.Tensor) or not _is(x.args[1], aten.mean.dim):
+        return None
+    h, m = x.args[0], x.args[1]
+    return (h, m) if m.args[0] is h and _last_dim_keepdim(m) else None
 
 
 def _weight_product(cg, out, nodes):

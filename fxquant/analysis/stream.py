@@ -13,9 +13,12 @@ from fxquant.analysis.dataflow import (
     Node, linear_input, linear_site, module_of, param_ref, real_users, shape_of, users_outside,
 )
 from fxquant.analysis.norms import NormMatch
-from fxquant.analysis.structure import Blocked, NormGroup, ResidualStream, StreamSource
+from fxquant.analysis.structure import NORM_FOLD, RESIDUAL, Blocked, NormGroup, ResidualStream, StreamSource, scope
 from fxquant.ir import CapturedGraph
 from fxquant.ops import OpClass, carried_input, classify, keeps_channels
+
+
+_STREAM = frozenset({RESIDUAL})  # what an unproven writer or stream reader blocks: folding R1 only
 
 
 def find_residual_stream(cg: CapturedGraph, norms: list[NormMatch]):
@@ -26,8 +29,9 @@ def find_residual_stream(cg: CapturedGraph, norms: list[NormMatch]):
             continue
         cls = classify(node)
         if cls is OpClass.EMBEDDING and param_ref(cg, node.args[0], node) is not None:
-            stream[node] = True
-            sources.append(_source(cg, node))
+            own = _own_norm(cg, node, inside_norm)
+            stream[cg.node(own.node) if own else node] = True  # the stream starts after the embedding's norm
+            sources.append(_source(cg, node, own))
         elif _extends_stream(node, cls, stream):
             stream[node] = True
             if cls is OpClass.RESIDUAL_ADD:
@@ -53,14 +57,27 @@ def _extends_stream(node, cls, stream) -> bool:
     return False
 
 
-def _source(cg, node) -> StreamSource:
+def _source(cg, node, norm=None) -> StreamSource:
     """An embedding is a token source when its indices come (through views) from a graph input."""
     idx = node.args[1]
     while classify(idx) is OpClass.VIEW:
         idx = idx.args[0]
     kind = "token" if idx.op == "placeholder" and idx.name not in cg.params else "position"
-    return StreamSource(node.name, module_of(node), param_ref(cg, node.args[0], node), kind)
+    return StreamSource(node.name, module_of(node), param_ref(cg, node.args[0], node), kind, norm)
 
+
+def _own_norm(cg, embedding, inside_norm):
+    """The norm that is the lookup's only reader (through channel-keeping views) and owns its module:
+    norm(E[ids]) == norm(E)[ids] row by row, so the table can absorb it. None otherwise."""
+    node = embedding
+    while len(users := real_users(node)) == 1 and users[0] not in inside_norm and classify(users[0]) is OpClass.VIEW \
+            and keeps_channels(users[0], node):
+        node = users[0]
+    matches = {id(m): m for m in (inside_norm.get(u) for u in users)} if users else {0: None}
+    match = next(iter(matches.values())) if len(matches) == 1 else None  # every reader inside one norm
+    if match is None or match.site.input != node.name or not match.site.owns_module:
+        return None
+    return match.site
 
 def _trace_writers(cg, start, add, inside_norm, writers, blocked):
     """Collect the linears whose outputs reach `add` through `start`; block what cannot be rotated."""
@@ -73,7 +90,7 @@ def _trace_writers(cg, start, add, inside_norm, writers, blocked):
             norm = inside_norm[node].site
             blocked.append(Blocked(node.name, norm.module, (
                 f"norm '{norm.module}' sits on a residual writer's output before add '{add.name}' "
-                "(a post-norm block): a rotation of the stream cannot pass through it")))
+                "(a post-norm block): a rotation of the stream cannot pass through it"), _STREAM))
         elif cls is OpClass.LINEAR and (site := linear_site(cg, node)) is not None:
             writers.setdefault(node.name, site)
         elif cls is OpClass.VIEW and keeps_channels(node, node.args[0]):
@@ -85,10 +102,10 @@ def _trace_writers(cg, start, add, inside_norm, writers, blocked):
         else:
             blocked.append(Blocked(node.name, module_of(node), (
                 f"residual add '{add.name}' adds the output of {_op_name(node)} ({cls.value}), "
-                "which is not a linear layer: fxquant cannot rotate what it writes")))
+                "which is not a linear layer: fxquant cannot rotate what it writes"), _STREAM))
     for outside in users_outside(path, {add}):
         blocked.append(Blocked(outside.name, module_of(outside), (
-            f"reads a residual writer's output before add '{add.name}': rotating the writer would change it")))
+            f"reads a residual writer's output before add '{add.name}': rotating the writer would change it"), _STREAM))
 
 
 def _reader_groups(cg, stream, inside_norm, blocked) -> list[NormGroup]:
@@ -108,7 +125,7 @@ def _reader_groups(cg, stream, inside_norm, blocked) -> list[NormGroup]:
                 what = "the graph output" if user.op == "output" else f"{_op_name(user)} ({classify(user).value})"
                 blocked.append(Blocked(user.name, module_of(user), (
                     f"the residual stream (at '{node.name}') is read by {what}, which fxquant does not "
-                    "know to commute with a rotation of the stream")))
+                    "know to commute with a rotation of the stream"), _STREAM))
     groups.extend(NormGroup(None, tuple(readers)) for readers in direct.values())
     return groups
 
@@ -127,10 +144,13 @@ def _norm_readers(cg, match: NormMatch, blocked) -> tuple:
                 readers.append(site)
             elif cls is OpClass.VIEW and keeps_channels(user, node):
                 frontier.append(user)
+            elif cls is OpClass.COMMUTES_ORTHOGONAL and carried_input(user) is node:
+                frontier.append(user)  # a per-token scale (a router's weight on its experts' input) commutes
             else:
                 blocked.append(Blocked(user.name, module_of(user), (
                     f"reads the output of norm '{match.site.module}' but is {_op_name(user)}, not a "
-                    "linear layer: the norm's weight cannot be folded past it")))
+                    "linear layer: the norm's weight cannot be folded past it"),
+                    frozenset({RESIDUAL, scope(NORM_FOLD, match.site.module)})))
     position = {n.name: i for i, n in enumerate(cg.graph.nodes)}  # graph order is topological
     return tuple(sorted(readers, key=lambda r: position[r.node]))
 

@@ -41,6 +41,7 @@ class NormSite:
     weight: ParamRef | None
     bias: ParamRef | None = None
     offset: float = 0.0  # 1.0 for Gemma-style (1 + w) norms
+    owns_module: bool = True  # the module computes this norm and nothing else (it may be swapped whole)
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,15 @@ class NormGroup:
 
 @dataclass(frozen=True)
 class StreamSource:
-    """An embedding lookup whose output starts the residual stream."""
+    """An embedding lookup whose output starts the residual stream; `norm`: the embedding's own norm
+    between the lookup and the stream (BLOOM's word_embeddings_layernorm), a function of each table
+    row that `fold_norms` folds into the table."""
 
     node: str
     module: str
     weight: ParamRef
     kind: str  # "token" | "position"
+    norm: NormSite | None = None
 
 
 @dataclass(frozen=True)
@@ -123,13 +127,41 @@ class OnlineSite:
     reason: str
 
 
+# What an unproven place prevents (`Blocked.blocks`): a pass refuses only when a place it would edit
+# or rely on is blocked. A scope is a kind, or `kind:place` for one norm, attention or linear.
+RESIDUAL = "residual rotation"  # rotating the residual stream by folding (R1), centring it (LayerNorm)
+NORM_FOLD = "norm fold"  # folding one norm's weight into its readers: `norm fold:<norm module>`
+VALUE_ROTATION = "value rotation"  # R2 at one attention: `value rotation:<attention node>`
+INPUT = "input transform"  # an online rotation or equalization scale of one linear's input: `input transform:<module>`
+EVERYTHING = frozenset({"*"})  # an unclassified Blocked blocks every transform (the safe default)
+
+
+def scope(kind: str, place: str) -> str:
+    """`norm fold:model.layers.0.input_layernorm`: one kind of transform at one place."""
+    return f"{kind}:{place}"
+
+
+def scope_words(s: str) -> str:
+    """A scope in words for a refusal: `the norm fold of 'model.norm'`."""
+    kind, _, place = s.partition(":")
+    return "every transform" if s == "*" else f"the {kind}" + (f" of '{place}'" if place else "")
+
+
 @dataclass(frozen=True)
 class Blocked:
-    """A place analysis could not prove; passes that need it refuse with this reason."""
+    """A place analysis could not prove, the reason, and the scopes it blocks (`blocks`)."""
 
     node: str
     module: str
     reason: str
+    blocks: frozenset = EVERYTHING
+
+    def prevents(self, scopes) -> bool:
+        """Does this place block any of `scopes` (exact scopes or bare kinds, which match every place)?"""
+        if "*" in self.blocks or "*" in scopes:
+            return True
+        kinds = {b.partition(":")[0] for b in self.blocks}
+        return any(s in self.blocks or s in kinds for s in scopes)
 
     def __str__(self) -> str:
         if not self.node:  # a module-level refusal (pack works on modules, not nodes)
@@ -161,18 +193,26 @@ class Structure:
             "blocked": len(self.blocked),
         }
 
-    def refuse_if_blocked(self, purpose: str) -> None:
-        """The one refusal every transform gives before touching a weight: list what is unproven.
+    def blocking(self, scopes) -> tuple[Blocked, ...]:
+        """The Blocked places that prevent any of `scopes` (kinds or `kind:place` scopes)."""
+        return tuple(b for b in self.blocked if b.prevents(scopes))
 
-        Raises UnsupportedPatternError naming each Blocked node, its module and the reason.
+    def refuse_if_blocked(self, purpose: str, scopes=("*",), *, strict: bool = False, still: str = "") -> None:
+        """The one refusal a transform gives before touching a weight: the unproven places it needs.
+
+        Only places that block one of `scopes` (what the pass edits or relies on) refuse; `strict`
+        refuses on any unproven place. Raises UnsupportedPatternError naming each place, its module,
+        the reason and the scope it blocks; `still` says what would still work.
         """
-        if not self.blocked:
+        found = self.blocked if strict else self.blocking(scopes)
+        if not found:
             return
-        items = "\n".join(f"  - {b}" for b in self.blocked)
+        items = "\n".join(f"  - {b} [blocks {', '.join(map(scope_words, sorted(b.blocks)))}]" for b in found)
+        hint = f"\nWhat still works on this model: {still}." if still and not strict else ""
         raise UnsupportedPatternError(
-            f"{purpose} refused, nothing was changed: fxquant could not prove {len(self.blocked)} "
-            f"place(s) in this model's graph:\n{items}\nRun `fxquant inspect --model ...` to see the "
-            "structure found; a pattern fxquant does not know needs an entry in fxquant/ops.py or a "
+            f"{purpose} refused, nothing was changed: fxquant could not prove {len(found)} "
+            f"place(s) in this model's graph that it needs:\n{items}{hint}\nRun `fxquant inspect --model ...` to "
+            "see the structure found; a pattern fxquant does not know needs an entry in fxquant/ops.py or a "
             "finder in fxquant/analysis/ before this transform can be applied safely."
         )
 

@@ -6,8 +6,9 @@ and every reader of the residual stream together; done on the stretch before a b
 stretch after it, the model would be silently wrong. So before any pass runs, a recipe with a
 whole-stream pass is refused unless this graph starts the stream at the embedding and keeps it inside.
 Likewise a graph whose attention reads a KV cache cannot show what wrote the cached keys and
-values, so no rotation through attention is provable there: when the analysis refuses such a
-graph, `cache_refusal` says so and what to do (quantize first, then compile, to generate).
+values, so a recipe with a pass through attention (R2, R3, the KV quantizer) is refused there before
+it runs (analysis would only leave those places out), and `cache_refusal` says the same when the
+analysis refuses such a graph: quantize first, then compile, to generate.
 """
 from __future__ import annotations
 
@@ -18,15 +19,21 @@ from fxquant.analysis.norms import find_norms
 from fxquant.analysis.stream import find_residual_stream
 from fxquant.capture import capture
 from fxquant.errors import RecipeError
-from fxquant.ops import OpClass, classify
+from fxquant.ops import OpClass, attention_value, classify
 
 WHOLE_STREAM = frozenset({"residual_rotated"})  # facts of passes that edit the whole residual stream
+THROUGH_ATTENTION = frozenset({"values_rotated", "online_r3", "kv_quantized"})  # passes that act inside attention
 
 
 def check_scope(module, recipe, inputs: tuple) -> None:
     """Raise RecipeError when `recipe` has a whole-stream pass and this graph holds only part of the stream."""
     steps = [s.name for s in recipe.pipeline_steps() if s.info.provides & WHOLE_STREAM]
-    reason = split_reason(capture(module, inputs)) if steps else None
+    inside = [s.name for s in recipe.pipeline_steps() if s.info.provides & THROUGH_ATTENTION]
+    cg = capture(module, inputs) if steps or inside else None
+    cache = cache_reason(cg) if inside else None
+    if cache is not None:
+        raise _cached(recipe, cache, f"pass '{inside[0]}' works inside attention")
+    reason = split_reason(cg) if steps else None
     if reason is not None:
         raise RecipeError(
             f"recipe {recipe.name!r}: pass '{steps[0]}' (R1) rotates the whole residual stream, but {reason}, "
@@ -39,13 +46,15 @@ def cache_refusal(module, recipe, inputs: tuple, exc: Exception) -> RecipeError 
     """The refusal to raise instead of the analysis's `exc` when this graph's attention reads a KV
     cache (what the analysis could not prove is then the cache), or None."""
     cache = cache_reason(capture(module, inputs))
-    if cache is None:
-        return None
+    return None if cache is None else _cached(recipe, cache, f"the analysis said: {str(exc).splitlines()[0]}")
+
+
+def _cached(recipe, cache: str, why: str) -> RecipeError:
     return RecipeError(
         f"recipe {recipe.name!r} at compile time: {cache}, and one graph cannot show what wrote the cache, so no "
         "rotation through attention can be proven; nothing of your model was changed. Call the model with "
         f"use_cache=False, or run fxquant.quantize(model, {recipe.name!r}) first and compile the quantized model "
-        f"(generate() works there). The analysis said: {str(exc).splitlines()[0]}")
+        f"(generate() works there); {why}")
 
 
 def cache_reason(cg) -> str | None:
@@ -54,7 +63,7 @@ def cache_reason(cg) -> str | None:
     for node in cg.graph.nodes:
         if classify(node) is not OpClass.ATTENTION:
             continue
-        for operand in node.args[1:3]:
+        for operand in (node.args[1], attention_value(node)):  # SDPA's k and v; eager attention's v
             producer, _ = trace_views_back(operand)
             if producer.target is torch.ops.aten.cat.default:
                 return f"attention '{cg.module_of(node)}' reads a KV cache ('{producer.name}' joins past and new tokens)"

@@ -8,6 +8,7 @@ layer 3 differently splits `layers.0-29` into `layers.0-2,4-29 x 29` and `layers
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 from fxquant.viz.graphdata import (
@@ -28,13 +29,22 @@ def repeat_classes(record: GraphRecord) -> dict[str, list[list]]:
         if block is not None:
             members[block].append(i)
     chains = _chains_by_node(record)
-    blocked = {b[0]: fold_indices(b[2]) for b in record.blocked if b[0] >= 0}
+    blocked = {b[0]: _reason_key(b[2]) for b in record.blocked if b[0] >= 0}
     classes: dict[str, dict[tuple, list[int]]] = defaultdict(dict)
     for block in sorted(members, key=lambda b: (b.rsplit(".", 1)[0], int(b.rsplit(".", 1)[1]))):
         parent, index = block.rsplit(".", 1)
         sig = _signature(record, block, members[block], (chains, blocked))
         classes[parent].setdefault(sig, []).append(int(index))
     return {parent: [[ranges(ids), ids] for ids in sigs.values()] for parent, sigs in classes.items()}
+
+
+_NODE_NAME = re.compile(r"'([A-Za-z_]+?)_\d+'")  # 'add_8' in a reason: graph numbering, not structure
+
+
+def _reason_key(reason: str) -> str:
+    """A blocked reason as blocks compare it: layer indices and node numbers folded (`'add_8'` in layer
+    0 and `'add_16'` in layer 1 name the same place)."""
+    return _NODE_NAME.sub(r"'\1_#'", fold_indices(reason))
 
 
 def _chains_by_node(record: GraphRecord) -> dict[int, tuple[str, ...]]:

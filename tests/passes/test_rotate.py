@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHS, captured
+from conftest import ARCHS, SANDWICH, captured
 from fxquant import quantize
 from fxquant.analysis import analyse
 from fxquant.capture import capture
@@ -55,7 +55,12 @@ def test_rotations_keep_the_function_and_change_the_weights(arch, kind):
     assert torch.equal(_greedy(model, ids[:1]), ref_tokens)
     after = dict(model.named_parameters(remove_duplicate=False))
     unchanged = sorted(n for n in _structure_weights(arch) if n in after and torch.equal(after[n], before[n]))
-    assert unchanged == []
+    assert unchanged == (_embeddings_and_writers(arch) if arch in SANDWICH else [])  # R1 online: stream as it was
+
+
+def _embeddings_and_writers(arch):
+    s = captured(arch)[1]
+    return sorted({r.weight.fqn for r in (*s.stream.sources, *s.stream.writers)})
 
 
 def test_rotated_stream_has_no_outlier_channel_left():
