@@ -6,8 +6,8 @@ configuration). Recipes name passes only through this table.
 from __future__ import annotations
 
 from fxquant.config import (
-    ActQuantConfig, AWQConfig, CLEConfig, GPTQConfig, KVQuantConfig, LearnRotationsConfig, NormFoldConfig, ResidualRotationConfig, RotationConfig,
-    SmoothQuantConfig, WeightQuantConfig,
+    ActQuantConfig, AWQConfig, CLEConfig, GPTQConfig, KVQuantConfig, LearnRotationsConfig, NormFoldConfig,
+    ResidualRotationConfig, RotationConfig, SmoothQuantConfig, WeightQuantConfig,
 )
 from fxquant.passes.awq import awq_clip, awq_scale
 from fxquant.passes.equalize import cross_layer_equalize, smooth_quant

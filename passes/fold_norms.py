@@ -21,6 +21,8 @@ from fxquant.weights import (
     add_bias, assign, center_out, normalize_rows, replace_module, scale_in, shift_in, untie_shared,
 )
 
+STILL = ("What still works on this model: the quantizers without rotations (presets w4a16, w8a8, gptq-w4a16, "
+         "awq-w4a16, smoothquant-w8a8) and rotate_vo (R2) alone")
 CENTRED_ATOL = 1e-5  # relative: |row mean| <= CENTRED_ATOL * max|row| counts as mean-free
 
 
@@ -46,7 +48,7 @@ def _check_layernorm_model(structure) -> bool:
         raise UnsupportedPatternError(
             f"fold_norms refused, nothing was changed: this model mixes LayerNorm with readers of the residual "
             f"stream that do not subtract the mean (first: '{where}'), so making the stream mean-free would "
-            "change its outputs; rotations cannot be applied to it")
+            f"change its outputs; rotations cannot be applied to it. {STILL}")
     return True
 
 
@@ -79,7 +81,7 @@ def _refuse_expert_readers_of_biased_norms(structure) -> None:
             if g.norm is not None and g.norm.bias is not None and r.experts:
                 raise UnsupportedPatternError(
                     f"fold_norms refused, nothing was changed: LayerNorm '{g.norm.module}' has a bias and its "
-                    f"reader '{r.module}' is a stack of {r.experts} experts with no bias to absorb it")
+                    f"reader '{r.module}' is a stack of {r.experts} experts with no bias to absorb it. {STILL}")
 
 
 @fxpass(requires={"weights_float"}, provides={"norms_folded"})

@@ -314,7 +314,9 @@ def learn_rotations(cg, structure, cfg: LearnRotationsConfig | None) -> PassResu
     """Train R1 / R2 against the recipe's later quantizers; a later fold with rotation = 'learned' uses them."""
     cfg = cfg or LearnRotationsConfig()
     target = plan_target(_ahead(cg), cfg)
-    structure.refuse_if_blocked("learn_rotations (R1, R2)", [RESIDUAL] if target.r1 else [], strict=cfg.strict)
+    structure.refuse_if_blocked("learn_rotations (R1, R2)", [RESIDUAL] if target.r1 else [], strict=cfg.strict,
+                                still="a learned R2 alone (rotate_residual with rotation = 'random-hadamard' and "
+                                      "mode = 'auto', rotate_vo with rotation = 'learned')")
     if target.r1:
         refuse_unfolded_norms(cg, structure, "learn_rotations (R1)")
     start = initial_matrices(structure, target, cfg)

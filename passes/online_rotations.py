@@ -22,15 +22,27 @@ import torch
 from fxquant.analysis.dataflow import hookable_modules, shape_of
 from fxquant.analysis.structure import INPUT, Blocked
 from fxquant.config import NormFoldConfig
+from fxquant.errors import NoHadamardError
 from fxquant.hadamard import check_rotation
 from fxquant.install import attention_nodes, install_in_attention, install_online_hadamard
 from fxquant.pipeline import Change, PassResult, fxpass
 
 
 def check_online_sizes(cg, structure, cfg) -> None:
-    """Before any pass runs: each online site's width has a Hadamard matrix."""
-    for width in sorted({site.linear.in_features for site in structure.online_sites}):
+    """Before any pass runs, with `strict`: each online site's width has a Hadamard matrix (without it a
+    site whose width has none is left and reported)."""
+    if cfg is not None and cfg.strict:
+        for width in sorted({site.linear.in_features for site in structure.online_sites}):
+            check_rotation("hadamard", width)
+
+
+def _no_hadamard(width: int) -> str | None:
+    """Why `width` has no Hadamard matrix (the NoHadamardError's message), or None when it has one."""
+    try:
         check_rotation("hadamard", width)
+    except NoHadamardError as exc:
+        return str(exc).splitlines()[0]
+    return None
 
 
 @fxpass(requires={"weights_float"}, provides={"online_r4"}, invalidates={"graph"}, check=check_online_sizes)
@@ -46,6 +58,9 @@ def insert_online_hadamard(cg, structure, cfg: NormFoldConfig | None) -> PassRes
         if site.module not in hookable:
             blocked.append(Blocked(site.node, site.module, "R4: the linear runs inside a larger module, so no "
                                                             "hook can rotate its input alone"))
+            continue
+        if (why := _no_hadamard(site.in_features)) is not None:
+            blocked.append(Blocked(site.node, site.module, f"R4: {why}"))
             continue
         install_online_hadamard(cg, site, prec)
         changes.append(Change("inserted", site.module, f"R4 online Hadamard({site.in_features}) on its input"))

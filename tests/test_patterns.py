@@ -68,7 +68,8 @@ class _HandWritten(nn.Module):
         self.blocks = nn.ModuleList([_Block(d) for _ in range(2)])
         self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
         with torch.no_grad():
-            for p in (self.emb_norm.weight, self.emb_norm.bias, self.norm.weight, *(b.norm.weight for b in self.blocks)):
+            norms = (self.emb_norm.weight, self.emb_norm.bias, self.norm.weight, *(b.norm.weight for b in self.blocks))
+            for p in norms:
                 p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() and p is not self.emb_norm.bias else 0.0))
 
     def forward(self, input_ids):
@@ -97,8 +98,9 @@ def test_an_embedding_s_own_norm_folds_into_its_table_and_r1_follows():
     assert source.norm is not None and source.norm.module == "emb_norm" and source.norm.kind == "layer"
     result = _keeps_function(model, {"passes": [{"pass": "fold_norms"}, {"pass": "rotate_residual"}]}, _ids(64))
     assert isinstance(model.emb_norm, nn.Identity)
-    assert any(c.target == "emb_norm" and "folded into its table" in c.detail for c in result.results["fold_norms"].changes)
-    assert sum(c.kind == "rotated" for c in result.results["rotate_residual"].changes) == 1 + 2 + 2 + 1  # E, writers, readers, head
+    folds, r1 = result.results["fold_norms"].changes, result.results["rotate_residual"].changes
+    assert any(c.target == "emb_norm" and "folded into its table" in c.detail for c in folds)
+    assert sum(c.kind == "rotated" for c in r1) == 1 + 2 + 2 + 1  # the table, 2 writers, 2 readers, the head
 
 
 def test_r1_refuses_an_embedding_norm_left_in_place():
@@ -133,12 +135,13 @@ def test_eager_attention_gives_the_same_v_o_chains_as_sdpa():
 
 
 def test_soft_capped_eager_attention_rotates_v_o_and_reports_r3_and_the_kv_quantizer_blocked():
-    model = _hf("gemma2", **_COMMON, head_dim=16)  # scores soft-capped: the model computes attention itself
+    model = _hf("gemma2", **_COMMON, head_dim=16, attn_implementation="eager")  # soft-capped: computed eagerly
     result = _keeps_function(model, "quarot-float", _ids())
     assert sum(c.kind == "rotated" for c in result.results["rotate_vo"].changes) == 2
     r3 = result.results["rotate_qk"]
     assert r3.changes == () and len(r3.blocked) == 2 and "computed by the model's own code" in r3.blocked[0].reason
-    kv = apply_recipe(_hf("gemma2", **_COMMON, head_dim=16), {"passes": [{"pass": "quantize_kv_cache"}]})
+    kv = apply_recipe(_hf("gemma2", **_COMMON, head_dim=16, attn_implementation="eager"),
+                      {"passes": [{"pass": "quantize_kv_cache"}]})
     assert kv.results["quantize_kv_cache"].changes == () and len(kv.results["quantize_kv_cache"].blocked) == 2
 
 
@@ -227,3 +230,11 @@ def test_attention_that_fxquant_s_implementation_would_change_is_left_with_the_r
     r3 = result.results["rotate_qk"]
     assert r3.changes == () and r3.blocked and all(why in b.reason for b in r3.blocked)
     assert model.config._attn_implementation == implementation  # the model's own attention is back
+
+
+def test_a_per_head_output_gate_between_attention_and_o_proj_keeps_the_v_o_chain():
+    model = _tiny("granite_swa")  # attn_output * sigmoid(gate)[..., None]: one scale per (token, head)
+    s = analyse(capture(model))
+    assert s.blocked == () and len(s.vo_chains) == 2
+    result = _keeps_function(model, "rotate-r1r2", _ids())
+    assert sum(c.kind == "rotated" for c in result.results["rotate_vo"].changes) == 2

@@ -21,7 +21,7 @@ from fxquant.errors import PassError, UnsupportedPatternError
 from fxquant.pipeline import PassResult
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET_S = 120  # recorded seconds of the types the slow test runs: the cheapest first
+BUDGET_S = 90  # recorded seconds of the types the slow test runs: the cheapest first
 REGENERATE = "python tools/support_matrix.py"
 
 

@@ -17,7 +17,7 @@ from fxquant.analysis.dataflow import (
 )
 from fxquant.analysis.structure import VALUE_ROTATION, Blocked, HeadMap, VOChain, scope
 from fxquant.ir import CapturedGraph
-from fxquant.ops import OpClass, attention_value, classify
+from fxquant.ops import OpClass, attention_value, carried_input, classify
 
 aten = torch.ops.aten
 
@@ -91,7 +91,8 @@ def _span(node, size) -> tuple[int, int]:
 
 
 def _reader_through_views(attn):
-    """Follow single-consumer views from the attention output to the linear that reads it."""
+    """Follow single-consumer views from the attention output to the linear that reads it; a scale
+    constant over the channels (a per-token, per-head output gate) commutes with R2 and is passed too."""
     node, views = attn, []
     while True:
         users = real_users(node)
@@ -100,7 +101,8 @@ def _reader_through_views(attn):
         user = users[0]
         if classify(user) is OpClass.LINEAR and linear_input(user) is node:
             return user, views
-        if classify(user) is not OpClass.VIEW:
+        scale = classify(user) is OpClass.COMMUTES_ORTHOGONAL and carried_input(user) is node
+        if classify(user) is not OpClass.VIEW and not scale:
             return None, views
         views.append(user)
         node = user

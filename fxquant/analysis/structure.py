@@ -163,6 +163,10 @@ class Blocked:
         kinds = {b.partition(":")[0] for b in self.blocks}
         return any(s in self.blocks or s in kinds for s in scopes)
 
+    def with_scopes(self) -> str:
+        """`str(self)` and what it blocks: `... [blocks the residual rotation]`."""
+        return f"{self} [blocks {', '.join(map(scope_words, sorted(self.blocks)))}]"
+
     def __str__(self) -> str:
         if not self.node:  # a module-level refusal (pack works on modules, not nodes)
             return f"module '{self.module}': {self.reason}"
@@ -207,7 +211,7 @@ class Structure:
         found = self.blocked if strict else self.blocking(scopes)
         if not found:
             return
-        items = "\n".join(f"  - {b} [blocks {', '.join(map(scope_words, sorted(b.blocks)))}]" for b in found)
+        items = "\n".join(f"  - {b.with_scopes()}" for b in found)
         hint = f"\nWhat still works on this model: {still}." if still and not strict else ""
         raise UnsupportedPatternError(
             f"{purpose} refused, nothing was changed: fxquant could not prove {len(found)} "

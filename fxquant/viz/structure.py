@@ -39,7 +39,7 @@ def format_structure(s: Structure, full: bool = False) -> str:
          f"{'gated ' if c.gate else ''}{c.act}", f"commutes: {c.commutes}") for c in s.mlp_chains], full)
     lines += _section("Inputs needing an online transform", [
         (o.linear.module, f"after {o.after if full else _fold_node(o.after)}", o.reason) for o in s.online_sites], full)
-    lines += ["", f"Blocked ({len(s.blocked)}):"] + ([f"  {b}" for b in s.blocked] or ["  none"])
+    lines += ["", f"Blocked ({len(s.blocked)}):"] + ([f"  {b.with_scopes()}" for b in s.blocked] or ["  none"])
     if s.tied:
         lines += ["", "Tied parameters: " + "; ".join(" = ".join(g) for g in s.tied)]
     return "\n".join(lines)

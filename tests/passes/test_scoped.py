@@ -162,3 +162,17 @@ def test_rotated_input_bits_stay_with_r4_sites_when_r1_is_online():
     eight = {p for p, h in activation_hooks(model).items() if h.bits == 8}
     assert eight == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}  # not the readers R1 rotates online
     assert len(online_hooks(model)) == 2 * 5 + 1 + 2
+
+
+def test_an_online_site_without_a_hadamard_size_is_left_and_strict_refuses_it_before_any_pass():
+    from fxquant.errors import NoHadamardError
+
+    model = tiny_model("llama", intermediate_size=90)  # 4 does not divide 90: no Hadamard matrix of that order
+    result = _keeps_function(model, "rotate-r1r2r4")
+    r4 = result.results["insert_online_hadamard"]
+    assert r4.changes == () and len(r4.blocked) == 2 and "No Hadamard matrix of size 90" in r4.blocked[0].reason
+    model = tiny_model("llama", intermediate_size=90)
+    state = _state(model)
+    with pytest.raises(NoHadamardError, match="size 90"):
+        quantize(model, {"preset": "rotate-r1r2r4", "strict": True})
+    assert _unchanged(model, state)
