@@ -1,6 +1,7 @@
 """Perplexity of every preset before and after `fxquant.lower`: the kernels' numerics, measured.
 
-Usage: python bench/lowering.py [--n-eval 24] [--calibration 4] [--presets a,b,...] [--json out.json]
+Usage: python bench/lowering.py [--n-eval 24] [--calibration 4] [--presets a,b,...] [--fast] [--noise]
+                              [--json out.json]
 
 For each preset on SmolLM2 (group_size 64 where the preset groups: 576 = 9 * 64): the packed model
 (reference ops), the model lowered with plan="measure" (the kernels a 512-token window runs on
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -25,6 +27,18 @@ from fxquant.eval import EvalSplit, calibration_windows, default_tokens, eval_wi
 from fxquant.lowering import lower
 from fxquant.models import load_model
 from fxquant.recipes import PRESETS, load_recipe
+
+
+def _decoding(model):
+    """`model` (lowered) with every layer on its decode kernel at every M: what generate computes."""
+    from fxquant.runtime.lowered import Bf16Linear, LoweredLinear
+
+    for module in model.modules():
+        if isinstance(module, LoweredLinear):
+            module.plan = dataclasses.replace(module.plan, max_decode_m=2 ** 62)
+        elif isinstance(module, Bf16Linear):
+            module.max_decode_m = 2 ** 62
+    return model
 
 
 def _with_noise(model, windows) -> float:
@@ -45,6 +59,8 @@ def main(argv=None) -> None:
     p.add_argument("--calibration", type=int, default=4)
     p.add_argument("--presets", default=",".join(sorted(PRESETS)))
     p.add_argument("--noise", action="store_true", help="add the float32-rounding noise floor column")
+    p.add_argument("--fast", action="store_true",
+                   help="add plan='fast' with every layer on its decode kernel at every M (what generate computes)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     base, tokenizer = load_model(args.model)
@@ -53,6 +69,7 @@ def main(argv=None) -> None:
     calibration = [w[None] for w in calibration_windows(tokens, args.calibration)]
     rows, worst = [], 0.0
     print(f"{'preset':24s} {'packed':>9s} {'measure':>9s} {'change':>8s} {'decode':>9s} {'change':>8s}"
+          + (f" {'fast':>9s} {'change':>8s}" if args.fast else "")
           + (f" {'noise':>9s} {'change':>8s}" if args.noise else ""))
     for name in args.presets.split(","):
         grouped = any(getattr(c, "group_size", None) for _, c in load_recipe(name).steps)
@@ -65,6 +82,9 @@ def main(argv=None) -> None:
             row[plan] = perplexity(lowered, windows, progress=False)
             del lowered
         keys = ("measure", "decode")
+        if args.fast:
+            row["fast"] = perplexity(_decoding(lower(copy.deepcopy(model), plan="fast")), windows, progress=False)
+            keys += ("fast",)
         if args.noise:
             row["noise"] = _with_noise(model, windows)
             keys += ("noise",)

@@ -187,9 +187,44 @@ def test_the_two_integer_kernels_agree_bit_for_bit_and_match_the_reference(bits_
     layer, act = _act_layer(bits_w, bits_a, symmetric=symmetric)
     x = torch.randn(m, 96) * 3 + (0 if symmetric else 1.5)  # asymmetric: a shifted range, zero points != mid
     ref = layer(fake_quant(x, act.bits, act.symmetric, act.clip_ratio))
-    outs = [LoweredLinear.lower(layer, LinearPlan(k, k, 10 ** 6), act)(x) for k in ("int_mm", "float_codes")]
-    assert torch.equal(outs[0], outs[1])  # the same exact integer sums, the same float32 epilogue
+    probe = LoweredLinear.lower(layer, LinearPlan("reference", "reference", 0), act)
+    kernels = ["int_mm", "float_codes"] + (["onednn"] if KERNELS["onednn"].refusal(probe) is None else [])
+    outs = [LoweredLinear.lower(layer, LinearPlan(k, k, 10 ** 6), act)(x) for k in kernels]
+    assert all(torch.equal(outs[0], out) for out in outs[1:])  # the same exact integer sums, the same epilogue
     torch.testing.assert_close(outs[0], ref, atol=2e-6 * ref.abs().max().item(), rtol=0)
+
+
+def test_the_onednn_kernel_runs_here_and_refuses_pairs_that_saturate_without_vnni(monkeypatch):
+    from fxquant.runtime.kernels import onednn
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    assert onednn.unavailable() is None  # x86 builds of torch ship oneDNN's u8 x s8 GEMM
+    layer8, act8 = _act_layer(8, 8)
+    layer4, act4 = _act_layer(4, 4)
+    probe8 = LoweredLinear.lower(layer8, LinearPlan("reference", "reference", 0), act8)
+    probe4 = LoweredLinear.lower(layer4, LinearPlan("reference", "reference", 0), act4)
+    monkeypatch.setattr(onednn, "saturates", lambda: True)  # an AVX2 CPU: int16 pair sums
+    assert "saturating int16" in onednn.onednn_refusal(probe8)
+    assert onednn.onednn_refusal(probe4) is None  # 2 x 15 x 8 per pair: far below 2^15
+    monkeypatch.setattr(onednn, "saturates", lambda: False)
+    assert onednn.onednn_refusal(probe8) is None
+
+
+def test_the_onednn_kernel_repacks_when_its_codes_are_written_to():
+    from fxquant.runtime.kernels import onednn
+
+    if onednn.unavailable() is not None:
+        pytest.skip(onednn.unavailable())
+    layer, act = _act_layer(4, 4)
+    lowered = LoweredLinear.lower(layer, LinearPlan("onednn", "onednn", 10 ** 6), act)
+    x = torch.randn(3, 96)
+    before = lowered(x)
+    lowered.onednn_codes.neg_()  # in place: the packed copy is stale and must not be used
+    after = lowered(x)
+    flipped = LoweredLinear.lower(layer, LinearPlan("float_codes", "float_codes", 10 ** 6), act)
+    flipped.float_codes_codes.neg_()
+    assert not torch.equal(before, after) and torch.equal(after, flipped(x))
 
 
 def test_the_float_codes_kernel_refuses_int8_layers_whose_sums_could_pass_2_to_the_24():
@@ -216,6 +251,20 @@ def test_integer_kernels_refuse_layers_without_a_per_token_quantizer_or_per_chan
     grouped = LoweredLinear.lower(_layer(16, 64, QuantFormat(4, True, 32, "int")), LinearPlan("reference", "reference", 0),
                                   ActivationFakeQuant(8, True))
     assert "per-channel" in integer.integer_refusal(grouped)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_onednn_op_passes_opcheck(symmetric):
+    from fxquant.runtime.kernels import onednn
+
+    if onednn.unavailable() is not None:
+        pytest.skip(onednn.unavailable())
+    layer, act = _act_layer(4, 4, symmetric=symmetric)
+    lowered = LoweredLinear.lower(layer, LinearPlan("onednn", "onednn", 16), act)
+    op = torch.ops.fxquant.onednn_linear if symmetric else torch.ops.fxquant.onednn_linear_asym
+    scale = lowered.onednn_scale if symmetric else lowered.onednn_scale_colsum
+    torch.library.opcheck(op.default, (torch.randn(3, 96), lowered.onednn_codes, scale, layer.bias, 4, 0.9),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("name", ["int_mm_linear", "float_codes_linear", "int_mm_linear_asym",

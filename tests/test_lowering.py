@@ -11,6 +11,7 @@ import fxquant
 from fxquant.lowering import lower, lowering_report
 from fxquant.models import tiny_model
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, hooks_of
+from fxquant.runtime.kernels import onednn
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.runtime.lowered import (
     AbsorbedActivationQuant, FastActivationQuant, FastAttentionTransform, FastHadamardQuant, FastOnlineHadamard,
@@ -88,7 +89,8 @@ def test_the_report_names_each_kernel_and_what_was_left():
             "attention R3 Hadamard + int4 KV quantizer"} <= whats
     lm_head = next(e for e in report.entries if e.path == "lm_head")
     assert lm_head.note == "not quantized by the recipe"
-    assert "exact integer product (torch._int_mm" in report.summary() and "for M <= 16" in report.summary()
+    first_exact = "oneDNN u8 x s8" if onednn.unavailable() is None else "torch._int_mm"  # the table's order
+    assert f"exact integer product ({first_exact}" in report.summary() and "for M <= 16" in report.summary()
 
 
 def test_a_layer_no_kernel_takes_stays_on_the_reference_with_the_reason():
@@ -197,4 +199,29 @@ def test_a_lowered_model_runs_under_torch_compile_with_its_kernels_as_graph_node
     compiled = torch.compile(model, backend=backend)
     torch.testing.assert_close(_logits(compiled, ids), _logits(model, ids))
     targets = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
-    assert {torch.ops.fxquant.int_mm_linear.default, torch.ops.fxquant.fast_hadamard.default} <= targets
+    integer_op = torch.ops.fxquant.onednn_linear if onednn.unavailable() is None else torch.ops.fxquant.int_mm_linear
+    assert {integer_op.default, torch.ops.fxquant.fast_hadamard.default} <= targets
+
+
+def test_plan_fast_decodes_the_float_output_layer_in_bfloat16_and_saves_it_as_float(tmp_path):
+    from fxquant.runtime.lowered import Bf16Linear
+
+    model = _quantized("llama", {"preset": "w4a16", "group_size": 32})
+    weight = model.lm_head.weight
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    hidden = torch.randn(1, 3, model.config.hidden_size)
+    exact = model.lm_head(hidden)
+    lower(model, plan="fast")
+    head = model.lm_head
+    assert isinstance(head, Bf16Linear) and head.weight is weight  # the parameter stays (and a tie with it)
+    ref16 = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
+    assert torch.equal(head(hidden), ref16) and not torch.equal(head(hidden), exact)
+    long = torch.randn(1, Bf16Linear.max_decode_m + 1, model.config.hidden_size)
+    assert torch.equal(head(long), torch.nn.functional.linear(long, weight))  # prefill: float32
+    assert "F.linear in bfloat16" in lowering_report(model).summary()
+    fxquant.save(model, tmp_path / "m")
+    loaded = fxquant.load(tmp_path / "m", lower=False)
+    assert type(loaded.lm_head) is torch.nn.Linear and torch.equal(loaded.lm_head.weight, weight)
+    lower(model, plan="measure")  # lowering again starts from the float linear
+    assert type(model.lm_head) is torch.nn.Linear and not list(model.lm_head.buffers())
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)

@@ -127,13 +127,50 @@ class FastAttentionTransform(AttentionTransform):
     """R3 and the KV-cache quantizer on the fast ops; the key's Hadamard and quantizer fused when
     whole rows of every position are quantized (no groups, no sinks)."""
 
-    def apply(self, query, key, value):
-        if self.rotate_qk:
-            query = fast_hadamard(query)
+    def write(self, key, value, start=0):
         if self.kv_bits is None:
-            return query, (fast_hadamard(key) if self.rotate_qk else key), value
+            return (fast_hadamard(key) if self.rotate_qk else key), value
         if self.rotate_qk and self.kv_group_size is None and not self.kv_sink_tokens:
             key = fast_hadamard_fake_quant(key, self.kv_bits, self.kv_symmetric, self.kv_clip_ratio)
         else:
-            key = quantize_kv(fast_hadamard(key) if self.rotate_qk else key, fast_fake_quant, self)
-        return query, key, quantize_kv(value, fast_fake_quant, self)
+            key = quantize_kv(fast_hadamard(key) if self.rotate_qk else key, fast_fake_quant, self, start)
+        return key, quantize_kv(value, fast_fake_quant, self, start)
+
+    def apply(self, query, key, value, written=False):
+        if self.rotate_qk:
+            query = fast_hadamard(query)
+        return (query, key, value) if written else (query, *self.write(key, value))
+
+
+class Bf16Linear(torch.nn.Linear):
+    """A float linear the recipe left, its decode in bfloat16 (plan="fast"): a bfloat16 copy of the
+    weight made once is what M <= `max_decode_m` tokens read (half the bytes of a float32 decode,
+    which reads every weight once per token); more tokens run the float32 weight, which stays the
+    parameter it was (`save` writes it; a tied embedding keeps reading it)."""
+
+    BUFFERS = ("weight_bf16", "bias_bf16")
+    max_decode_m = 16  # bfloat16 GEMMs are slow at large M on CPUs without native bfloat16
+
+    @classmethod
+    def lower(cls, linear: torch.nn.Linear) -> "Bf16Linear":
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
+        new.register_buffer("bias_bf16", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16),
+                            persistent=False)
+        return new
+
+    def unlowered(self) -> torch.nn.Linear:
+        """The plain float linear again, on the same parameters."""
+        plain = torch.nn.Linear.__new__(torch.nn.Linear)
+        torch.nn.Module.__init__(plain)
+        plain.in_features, plain.out_features, plain.weight, plain.bias = (
+            self.in_features, self.out_features, self.weight, self.bias)
+        return plain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features > self.max_decode_m:
+            return super().forward(x)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)

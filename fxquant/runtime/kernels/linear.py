@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from fxquant.runtime.kernels import int4, int8, integer
+from fxquant.runtime.kernels import int4, int8, integer, onednn
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,14 @@ def _int_mm(layer, x):
                                           layer.act.bits, layer.act.clip_ratio)
     return integer.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.bias,
                                  layer.act.bits, layer.act.clip_ratio)
+
+
+def _onednn(layer, x):
+    if not layer.act.symmetric:
+        return onednn.onednn_linear_asym(x, layer.onednn_codes, layer.onednn_scale_colsum, layer.bias,
+                                         layer.act.bits, layer.act.clip_ratio)
+    return onednn.onednn_linear(x, layer.onednn_codes, layer.onednn_scale, layer.bias, layer.act.bits,
+                                layer.act.clip_ratio)
 
 
 def _float_codes(layer, x):
@@ -118,6 +126,8 @@ LINEAR_KERNELS = (
                  False, int4.tinygemm_refusal, int4.to_tinygemm, _tinygemm),
     LinearKernel("int8_weight", "cpu", "int8 weights (aten._weight_int8pack_mm, bf16 activations)",
                  False, int8.int8_refusal, int8.to_int8pack, _int8),
+    LinearKernel("onednn", "cpu", "exact integer product (oneDNN u8 x s8 GEMM, int8 weights in memory)", True,
+                 onednn.onednn_refusal, onednn.to_onednn, _onednn, quantizes_input=True),
     LinearKernel("int_mm", "cpu", "exact integer product (torch._int_mm, int8 x int8 -> int32)", True,
                  integer.integer_refusal, integer.to_int_mm, _int_mm, quantizes_input=True),
     LinearKernel("float_codes", "any", "exact integer product (float32 GEMM of the codes)", True,
