@@ -11,7 +11,6 @@ lowered object keeps its portable state, so `save` writes the packed model uncha
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob
 import logging
@@ -211,13 +210,19 @@ def _cache_bytes() -> int:
     return max(sizes, default=32 * 1024 ** 2)
 
 
-def _copies(trial: torch.nn.Module, device: torch.device) -> list[torch.nn.Module]:
-    """`trial` and enough copies of it that their buffers together overflow the last-level cache
-    twice (at most 64): called in turn, each reads its weights from memory, as in a model."""
+def _copies(kernel, layer: QuantizedLinear, m: int) -> list[torch.nn.Module]:
+    """`layer` lowered onto `kernel` as many times as it takes for the kernel's buffers together to
+    overflow the last-level cache twice (at most 64): called in turn, each reads its weights from
+    memory, as in a model. Each is a fresh `lower` (new kernel layouts), not a deepcopy: inside the
+    compile backend a layer's tensors carry dynamo's bookkeeping, which does not copy."""
+    device = layer.codes.device
     cache = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 1024 ** 2)
              if device.type == "cuda" else _cache_bytes())
-    size = max(sum(b.numel() * b.element_size() for b in trial.buffers()), 1)
-    return [trial] + [copy.deepcopy(trial) for _ in range(min(-(-2 * cache // size), 64) - 1)]
+    plan = LinearPlan(kernel.name, kernel.name, m)
+    first = LoweredLinear.lower(layer, plan, layer.act)
+    size = max(sum(getattr(first, f"{kernel.name}_{key}").nbytes for key in first.kernel_buffers[kernel.name]), 1)
+    count = min(-(-2 * cache // size), 64) if first.kernel_buffers[kernel.name] else 1
+    return [first] + [LoweredLinear.lower(layer, plan, layer.act) for _ in range(count - 1)]
 
 
 def _time(kernel, layer: QuantizedLinear, m: int) -> float:
@@ -228,9 +233,8 @@ def _time(kernel, layer: QuantizedLinear, m: int) -> float:
     key = (kernel.name, layer.in_features, layer.out_features, layer.fmt, layer.scale.dtype, layer.transposed,
            layer.bias is not None, layer.act, layer.codes.device.type, m, torch.get_num_threads())
     if key not in _TIMINGS:
-        device = layer.codes.device
-        trials = _copies(LoweredLinear.lower(layer, LinearPlan(kernel.name, kernel.name, m), layer.act), device)
-        x = torch.randn(m, layer.in_features, dtype=layer.scale.dtype, device=device)
+        trials = _copies(kernel, layer, m)
+        x = torch.randn(m, layer.in_features, dtype=layer.scale.dtype, device=layer.codes.device)
         runs = []
         with torch.inference_mode():
             trials[0](x)

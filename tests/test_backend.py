@@ -1,4 +1,5 @@
 """torch.compile(backend="fxquant"): the entry point, quantized and float-with-recipe models, refusals, reports."""
+import copy
 import subprocess
 import sys
 
@@ -140,6 +141,8 @@ def test_unknown_option_and_bad_plan_are_refused():
 
 
 def test_mode_reaches_inductor_with_the_fxquant_pass(monkeypatch):
+    import torch._inductor.compile_fx  # a submodule: alone, nothing has imported it yet
+
     seen = {}
 
     def fake_compile_fx(gm, inputs, config_patches=None):
@@ -234,3 +237,17 @@ def test_inductor_pass_fuses_a_quantizer_with_its_hadamard_and_lowers_the_rest()
 def test_inductor_pass_uuid_follows_options_so_the_cache_stays_on():
     assert FxquantGraphPass({"lower": True}).uuid() == FxquantGraphPass({"lower": True}).uuid()
     assert FxquantGraphPass({"lower": True}).uuid() != FxquantGraphPass({"lower": False}).uuid()
+
+
+def test_a_w4a4_model_compiles_with_dynamic_shapes_its_clip_ratios_read_as_constants():
+    model = tiny_model("llama")
+    fxquant.quantize(model, "quarot-w4a4kv4")  # per-token quantizers with a clip ratio of 0.9
+    ref = fxquant.lower(copy.deepcopy(model), plan="rule")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            out = torch.compile(model, backend="fxquant", dynamic=True, options={"plan": "rule"})(IDS, use_cache=False)
+            expected = ref(IDS, use_cache=False).logits
+    finally:
+        torch._dynamo.reset()
+    assert (out.logits - expected).abs().max() <= 1e-5 * expected.abs().max()

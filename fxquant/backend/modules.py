@@ -275,8 +275,9 @@ def _hooks_before(x: torch.fx.Node, path: str, weights) -> tuple[torch.fx.Node, 
     the input before them and the hooks in the order they run."""
     hooks = []
     if _single_use(x) and x.target is FAKE_QUANT:
-        bits, symmetric, *clip = x.args[1:]
-        hooks.append(ActivationFakeQuant(bits, symmetric, clip[0] if clip else x.kwargs.get("clip_ratio", 1.0)))
+        bits, symmetric, *clip = (_constant(a, x) for a in x.args[1:])
+        clip = clip[0] if clip else _constant(x.kwargs.get("clip_ratio", 1.0), x)
+        hooks.append(ActivationFakeQuant(bits, symmetric, clip))
         x = x.args[0]
     if _single_use(x) and x.target is HADAMARD:
         hooks.append(OnlineHadamard())
@@ -288,6 +289,20 @@ def _hooks_before(x: torch.fx.Node, path: str, weights) -> tuple[torch.fx.Node, 
         hooks.append(InputScale())
         x = x.args[0]
     return x, hooks[::-1]
+
+
+def _constant(arg, node: torch.fx.Node):
+    """A quantizer's bits / symmetric / clip ratio as a Python value. Under `dynamic=True` dynamo
+    makes a module's float constant (the hook's clip ratio) a graph input; its value is the hint
+    of the symbol dynamo traced with, which the hook holds for good."""
+    if not isinstance(arg, torch.fx.Node):
+        return arg
+    value = arg.meta.get("example_value", arg.meta.get("val"))
+    hint = getattr(getattr(value, "node", None), "hint", value)
+    if not isinstance(hint, (bool, int, float)):
+        raise RuntimeError(f"fxquant backend: the quantizer {node.name} takes {arg.name}, which is not a "
+                           "constant this graph can read; compile with dynamic=False")
+    return hint
 
 
 def _single_use(node) -> bool:
