@@ -122,3 +122,16 @@ def test_the_writer_survives_save_and_load(quantized, tmp_path):
     hooked = [m for m in loaded.modules() if attention.write_kv_hook in m._forward_pre_hooks.values()]
     assert len(hooked) == loaded.config.num_hidden_layers
     _assert_same_generation(_generate(loaded, _ids(6)), _generate(quantized, _ids(6)))
+
+
+def test_a_forward_with_gradients_reads_its_cache_raw_and_backpropagates():
+    model = tiny_model("llama")  # float weights, the attention transform alone (as learned rotations train)
+    for layer in model.model.layers:
+        attention.install(model, layer.self_attn, rotate_qk=True, kv_bits=4, kv_symmetric=False)
+    out = model(_ids(8), use_cache=True)  # transformers makes a cache by default
+    out.logits.sum().backward()  # an in-place write into the cache would break autograd here
+    assert model.model.layers[0].self_attn.v_proj.weight.grad.abs().sum() > 0
+    assert all(getattr(layer, TAG, None) is None for layer in out.past_key_values.layers)
+    with torch.no_grad():
+        ref = model(_ids(8), use_cache=False).logits
+    torch.testing.assert_close(out.logits.detach(), ref, rtol=1e-5, atol=1e-5)

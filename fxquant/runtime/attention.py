@@ -178,7 +178,8 @@ def write_kv_hook(module: torch.nn.Module, args, kwargs):
 def _cached_rows(module: torch.nn.Module, transform, key, value) -> int | None:
     """Where this call's new rows start when `key` and `value` are the cache layer's own tensors and
     its older rows are transformed already (or there are none), else None: the cache holds something
-    else (MLA caches latents), or rows a model without the transform wrote raw."""
+    else (MLA caches latents), rows a model without the transform wrote raw, or rows autograd needs
+    as they are (training with a cache: the cache stays raw)."""
     call = _calls().pop(id(module), None)
     if call is None:
         return None
@@ -187,6 +188,11 @@ def _cached_rows(module: torch.nn.Module, transform, key, value) -> int | None:
     if layer is None or key is not getattr(layer, "keys", None) or value is not getattr(layer, "values", None):
         return None
     tag = getattr(layer, TAG, None)
+    if key.requires_grad or value.requires_grad:  # autograd saves the rows an in-place write would change
+        if tag is not None:
+            raise RuntimeError(f"fxquant: cache layer {index} holds rotated and quantized rows, and this call "
+                               "needs gradients through its keys and values; start a new cache.")
+        return None
     if tag is None:
         if start:
             return None
