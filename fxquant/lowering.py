@@ -12,6 +12,7 @@ lowered object keeps its portable state, so `save` writes the packed model uncha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import logging
 import time
@@ -92,10 +93,7 @@ def lower(model: torch.nn.Module, device=None, *, plan: str = "measure") -> torc
     for path, module in list(model.named_modules()):
         _portable_hooks(module)  # lowering again starts from the portable model
         if isinstance(module, Bf16Linear):
-            module = carry_state(module, module.unlowered())
-            for name in Bf16Linear.BUFFERS:  # carry_state copied the bfloat16 copies back
-                module._buffers.pop(name, None)
-                module._non_persistent_buffers_set.discard(name)
+            module = _unlowered_float(module)
             replace_module(model, path, module)
         if path and type(module) is torch.nn.Linear and plan == "fast" and module.weight.dtype == torch.float32:
             module = carry_state(module, Bf16Linear.lower(module))
@@ -128,6 +126,20 @@ def _unlowered(layer: LoweredLinear) -> QuantizedLinear:
     for kernel, keys in layer.kernel_buffers.items():
         for key in keys:
             delattr(plain, f"{kernel}_{key}")
+    return plain
+
+
+def _unlowered_float(layer: Bf16Linear) -> torch.nn.Linear:
+    """A float linear lowered by plan="fast" as the plain one again, on the same parameters, its
+    bfloat16 copies dropped."""
+    plain = torch.nn.Linear.__new__(torch.nn.Linear)
+    torch.nn.Module.__init__(plain)
+    plain.in_features, plain.out_features, plain.weight, plain.bias = (
+        layer.in_features, layer.out_features, layer.weight, layer.bias)
+    plain = carry_state(layer, plain)
+    for name in Bf16Linear.BUFFERS:
+        if name in plain._buffers:
+            delattr(plain, name)
     return plain
 
 
@@ -198,6 +210,7 @@ def _plan(layer: QuantizedLinear, act, device: torch.device, how: str) -> tuple[
     return LinearPlan(decode.name, prefill.name, lo, "measured"), absorbed
 
 
+@functools.cache
 def _cache_bytes() -> int:
     """The largest CPU cache in bytes (sysfs; 32 MiB where it does not say)."""
     sizes = []

@@ -33,10 +33,9 @@ from fxquant.errors import ModelLoadError, RecipeError
 from fxquant.lowering import lower as lower_model
 from fxquant.quant.pack import pack_model
 from fxquant.runtime.attention import ATTR, install
-from fxquant.runtime.lowered import Bf16Linear
 from fxquant.runtime.hooks import HOOK_TYPES
 from fxquant.runtime.linear import QuantizedLinear
-from fxquant.runtime.lowered import portable_hooks
+from fxquant.runtime.lowered import Bf16Linear, portable_hooks
 from fxquant.weights import canonical, replace_module
 
 FORMAT = "fxquant-1"

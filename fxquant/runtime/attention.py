@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from fxquant.runtime.library import fake_quant, hadamard
@@ -73,20 +74,24 @@ class AttentionTransform:
         """The fields that decide what a cached row holds (equal for a transform and its fast twin)."""
         return dataclasses.astuple(self)
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """R3 on q or k: the reference op (a lowered transform overrides it, and `write`)."""
+        return hadamard(x)
+
     def write(self, key: torch.Tensor, value: torch.Tensor, start: int = 0) -> tuple:
         """(k, v) rows as the cache keeps them: k rotated (R3) then quantized, v quantized; `start`:
         the cache row of the first one (sinks stay float)."""
         if self.rotate_qk:
-            key = hadamard(key)
+            key = self.rotate(key)
         if self.kv_bits is not None:  # [batch, heads, tokens, head_dim]
             key, value = quantize_kv(key, fake_quant, self, start), quantize_kv(value, fake_quant, self, start)
         return key, value
 
     def apply(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, written: bool = False) -> tuple:
         """(q, k, v) after R3 and the KV quantizer; `written`: k and v come from a cache that holds
-        them transformed already (only q is rotated). The reference ops (a lowered transform overrides)."""
+        them transformed already (only q is rotated)."""
         if self.rotate_qk:
-            query = hadamard(query)
+            query = self.rotate(query)
         return (query, key, value) if written else (query, *self.write(key, value))
 
 
@@ -143,8 +148,6 @@ def _appending_layer(cache, index: int):
     """The cache layer `index` when it is transformers' DynamicLayer (it appends whole rows with
     torch.cat and returns its own tensors), "new" when it will be one, else None: sliding windows,
     static and quantized caches keep raw rows, and the transform runs on every row each call."""
-    from transformers.cache_utils import DynamicLayer
-
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list) or getattr(cache, "offloading", False):
         return None

@@ -129,17 +129,15 @@ class FastAttentionTransform(AttentionTransform):
 
     def write(self, key, value, start=0):
         if self.kv_bits is None:
-            return (fast_hadamard(key) if self.rotate_qk else key), value
+            return (self.rotate(key) if self.rotate_qk else key), value
         if self.rotate_qk and self.kv_group_size is None and not self.kv_sink_tokens:
             key = fast_hadamard_fake_quant(key, self.kv_bits, self.kv_symmetric, self.kv_clip_ratio)
         else:
-            key = quantize_kv(fast_hadamard(key) if self.rotate_qk else key, fast_fake_quant, self, start)
+            key = quantize_kv(self.rotate(key) if self.rotate_qk else key, fast_fake_quant, self, start)
         return key, quantize_kv(value, fast_fake_quant, self, start)
 
-    def apply(self, query, key, value, written=False):
-        if self.rotate_qk:
-            query = fast_hadamard(query)
-        return (query, key, value) if written else (query, *self.write(key, value))
+    def rotate(self, x):
+        return fast_hadamard(x)
 
 
 class Bf16Linear(torch.nn.Linear):
@@ -161,14 +159,6 @@ class Bf16Linear(torch.nn.Linear):
         new.register_buffer("bias_bf16", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16),
                             persistent=False)
         return new
-
-    def unlowered(self) -> torch.nn.Linear:
-        """The plain float linear again, on the same parameters."""
-        plain = torch.nn.Linear.__new__(torch.nn.Linear)
-        torch.nn.Module.__init__(plain)
-        plain.in_features, plain.out_features, plain.weight, plain.bias = (
-            self.in_features, self.out_features, self.weight, self.bias)
-        return plain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // self.in_features > self.max_decode_m:

@@ -23,6 +23,7 @@ import torch
 
 from fxquant.runtime.kernels import integer
 from fxquant.runtime.kernels.define import define
+from fxquant.runtime.kernels.quantize import row_codes
 
 PAIR_LIMIT = 2 ** 15  # an int16 pair sum saturates from here
 
@@ -100,11 +101,14 @@ def _product(x_u8: torch.Tensor, zero: int, packed: torch.Tensor, n: int, ones=N
 
 
 def _onednn_product(x: torch.Tensor, codes: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple:
-    """(q_x' q_w^T in float32, s_x, z_x'): x quantized per token, its codes through oneDNN."""
-    q, x_scale, zero = integer._signed_row_codes(x, bits, symmetric, clip_ratio)
+    """(q_x' q_w^T in float32, s_x, z_x'): x quantized per token, its codes through oneDNN. The u8
+    input is q' + 2^(b-1): the symmetric codes shifted up, the asymmetric codes as `row_codes` gives
+    them (integer.py's q' and z' are those minus 2^(b-1))."""
+    q, x_scale, zero = row_codes(x.reshape(-1, x.shape[-1]), bits, symmetric, clip_ratio)
     mid = 2 ** (bits - 1)
     packed, ones, zeros = _packed(codes)
-    return _product(q.add_(mid).to(torch.uint8), mid, packed, codes.shape[0], ones, zeros), x_scale, zero
+    u8 = (q if zero is not None else q.add_(mid)).to(torch.uint8)
+    return _product(u8, mid, packed, codes.shape[0], ones, zeros), x_scale, None if zero is None else zero - mid
 
 
 def _onednn_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
