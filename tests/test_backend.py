@@ -251,3 +251,15 @@ def test_a_w4a4_model_compiles_with_dynamic_shapes_its_clip_ratios_read_as_const
     finally:
         torch._dynamo.reset()
     assert (out.logits - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_the_pass_uuid_covers_every_kernel_a_compiled_graph_calls():
+    from pathlib import Path
+
+    from fxquant.backend.graph_pass import source_files
+    from fxquant.runtime import kernels
+
+    files = set(source_files())
+    for path in Path(kernels.__file__).parent.rglob("*.py"):  # e.g. onednn.py, whose op a lowered layer calls
+        assert str(path.resolve()) in files
+    assert str(Path(fxquant.runtime.lowered.__file__).resolve()) in files

@@ -5,7 +5,7 @@ one idea: what needs weights (a linear's kernel layout) is done before inductor,
 module tree (`fxquant.lowering.lower`); what is left are weightless ops inside the graph (R3's
 Hadamards on q and k, the KV-cache quantizers, quantizers no linear absorbed), rewritten here by
 rules as data, each a (target, handler) pair whose handler returns a replacement node or None.
-`uuid()` hashes this file, the kernels it calls and the options, so inductor's FX graph cache stays on.
+`uuid()` hashes the backend's and the runtime's code and the options, so inductor's FX graph cache stays on.
 """
 from __future__ import annotations
 
@@ -17,10 +17,17 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from fxquant.runtime.kernels import hadamard as hadamard_kernels
 from fxquant.runtime.kernels import ops as kernel_ops
-from fxquant.runtime.kernels import quantize as quantize_kernels
 from fxquant.runtime.library import FAKE_QUANT, HADAMARD
+
+
+def source_files() -> tuple[str, ...]:
+    """Every file of the code a compiled graph runs through: the backend and the runtime (kernels,
+    lowered layers, attention). Inductor's caches key a graph whose lowered modules call fxquant ops
+    by the graph, not by those modules' code, so a change to any kernel must change `uuid()` (a
+    kernel whose arguments changed was once served from a stale cache entry)."""
+    root = Path(__file__).resolve().parents[1]
+    return tuple(str(f) for d in ("backend", "runtime") for f in sorted((root / d).rglob("*.py")))
 
 
 def _fused_hadamard_quant(graph: torch.fx.Graph, node: torch.fx.Node):
@@ -97,6 +104,5 @@ class FxquantGraphPass(CustomGraphPass):
         self.counts.update(rewrite(graph))
 
     def uuid(self) -> str:
-        files = (__file__, hadamard_kernels.__file__, quantize_kernels.__file__, kernel_ops.__file__)
-        code = get_hash_for_files(tuple(str(Path(f)) for f in files))
+        code = get_hash_for_files(source_files())
         return f"{code.hex() if isinstance(code, bytes) else code}-{json.dumps(self.options, sort_keys=True, default=str)}"
