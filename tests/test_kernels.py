@@ -188,7 +188,7 @@ def test_the_two_integer_kernels_agree_bit_for_bit_and_match_the_reference(bits_
     x = torch.randn(m, 96) * 3 + (0 if symmetric else 1.5)  # asymmetric: a shifted range, zero points != mid
     ref = layer(fake_quant(x, act.bits, act.symmetric, act.clip_ratio))
     probe = LoweredLinear.lower(layer, LinearPlan("reference", "reference", 0), act)
-    kernels = ["int_mm", "float_codes"] + (["onednn"] if KERNELS["onednn"].refusal(probe) is None else [])
+    kernels = ["int_mm", "float_codes"] + [k for k in ("onednn", "packed_int") if KERNELS[k].refusal(probe) is None]
     outs = [LoweredLinear.lower(layer, LinearPlan(k, k, 10 ** 6), act)(x) for k in kernels]
     assert all(torch.equal(outs[0], out) for out in outs[1:])  # the same exact integer sums, the same epilogue
     torch.testing.assert_close(outs[0], ref, atol=2e-6 * ref.abs().max().item(), rtol=0)
@@ -262,8 +262,8 @@ def test_the_onednn_op_passes_opcheck(symmetric):
     layer, act = _act_layer(4, 4, symmetric=symmetric)
     lowered = LoweredLinear.lower(layer, LinearPlan("onednn", "onednn", 16), act)
     op = torch.ops.fxquant.onednn_linear if symmetric else torch.ops.fxquant.onednn_linear_asym
-    scale = lowered.onednn_scale if symmetric else lowered.onednn_scale_colsum
-    torch.library.opcheck(op.default, (torch.randn(3, 96), lowered.onednn_codes, scale, layer.bias, 4, 0.9),
+    weights = (lowered.onednn_scale,) if symmetric else ([lowered.onednn_scale, lowered.onednn_colsum],)
+    torch.library.opcheck(op.default, (torch.randn(3, 96), lowered.onednn_codes, *weights, layer.bias, 4, 0.9),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -275,8 +275,8 @@ def test_integer_kernel_ops_pass_opcheck(name):
     kernel = "int_mm" if name.startswith("int_mm") else "float_codes"
     lowered = LoweredLinear.lower(layer, LinearPlan(kernel, kernel, 16), act)
     weights = [getattr(lowered, f"{kernel}_{key}") for key in lowered.kernel_buffers[kernel]]
-    if kernel == "int_mm":  # the op reads [codes, scales] or [codes, scales; row sums]
-        weights = weights[:1] + weights[1 if symmetric else 2:][:1]
+    if kernel == "int_mm" and not symmetric:  # [codes, [scales, code sums]]
+        weights = [weights[0], weights[1:]]
     op = getattr(torch.ops.fxquant, name).default
     torch.library.opcheck(op, (torch.randn(3, 96), *weights, layer.bias, 4, 0.9),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -11,7 +11,7 @@ import fxquant
 from fxquant.lowering import lower, lowering_report
 from fxquant.models import tiny_model
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, hooks_of
-from fxquant.runtime.kernels import onednn
+from fxquant.runtime.kernels import onednn, packed_int
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.runtime.lowered import (
     AbsorbedActivationQuant, FastActivationQuant, FastAttentionTransform, FastHadamardQuant, FastOnlineHadamard,
@@ -89,7 +89,8 @@ def test_the_report_names_each_kernel_and_what_was_left():
             "attention R3 Hadamard + int4 KV quantizer"} <= whats
     lm_head = next(e for e in report.entries if e.path == "lm_head")
     assert lm_head.note == "not quantized by the recipe"
-    first_exact = "oneDNN u8 x s8" if onednn.unavailable() is None else "torch._int_mm"  # the table's order
+    first_exact = ("fxquant's C kernel" if packed_int.unavailable() is None  # the table's order
+                   else "oneDNN u8 x s8" if onednn.unavailable() is None else "torch._int_mm")
     assert f"exact integer product ({first_exact}" in report.summary() and "for M <= 16" in report.summary()
 
 
@@ -199,7 +200,8 @@ def test_a_lowered_model_runs_under_torch_compile_with_its_kernels_as_graph_node
     compiled = torch.compile(model, backend=backend)
     torch.testing.assert_close(_logits(compiled, ids), _logits(model, ids))
     targets = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
-    integer_op = torch.ops.fxquant.onednn_linear if onednn.unavailable() is None else torch.ops.fxquant.int_mm_linear
+    integer_op = (torch.ops.fxquant.packed_int_linear if packed_int.unavailable() is None
+                  else torch.ops.fxquant.onednn_linear if onednn.unavailable() is None else torch.ops.fxquant.int_mm_linear)
     assert {integer_op.default, torch.ops.fxquant.fast_hadamard.default} <= targets
 
 

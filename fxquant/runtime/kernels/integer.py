@@ -55,13 +55,18 @@ def _scales(layer) -> torch.Tensor:
 
 def to_int_mm(layer) -> dict[str, torch.Tensor]:
     """int8 codes [in, out] (the layout torch._int_mm reads) and float32 scales [out]; for
-    asymmetric activations also [scales; row sums of the codes] [2, out] in float32 (the zero
-    point's correction, exact integers)."""
+    asymmetric activations also the row sums of the codes [out] (the zero point's correction), in
+    int32 so that casting the model to a float dtype leaves them exact."""
     codes = layer.signed_codes()
     out = {"codes_t": codes.t().contiguous(), "scale": _scales(layer)}
     if layer.act is not None and not layer.act.symmetric:
-        out["scale_colsum"] = torch.stack([out["scale"], codes.to(torch.int32).sum(dim=1).float()])
+        out["colsum"] = code_sums(codes)
     return out
+
+
+def code_sums(codes: torch.Tensor) -> torch.Tensor:
+    """sum_k q_w[n, k] per output channel, int32 [out]."""
+    return codes.to(torch.int32).sum(dim=1).to(torch.int32).contiguous()
 
 
 def to_int8_codes(layer) -> dict[str, torch.Tensor]:
@@ -109,16 +114,21 @@ def _int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, 
     return _epilogue(acc, x_scale, scale, bias, x)
 
 
-def _int_mm_linear_asym(x: torch.Tensor, codes_t: torch.Tensor, scale_colsum: torch.Tensor, bias: torch.Tensor | None,
-                        bits: int, clip_ratio: float) -> torch.Tensor:
+def _int_mm_linear_asym(x: torch.Tensor, codes_t: torch.Tensor, scale_colsum: list[torch.Tensor],
+                        bias: torch.Tensor | None, bits: int, clip_ratio: float) -> torch.Tensor:
     """Asymmetric per-token x: ((q_x' q_w^T) - z_x' sum_k q_w[:, k]) s_x s_w + b, the sums in int32
-    (`scale_colsum` [2, out]: the weight scales, then the row sums of the codes)."""
+    (`scale_colsum`: the weight scales and the row sums of the codes, `code_sums`)."""
+    scale, colsum = scale_colsum
     acc, x_scale, zero = _int_mm_product(x, codes_t, bits, False, clip_ratio)
-    acc = acc - zero.to(torch.int32) * scale_colsum[1].to(torch.int32)
-    return _epilogue(acc, x_scale, scale_colsum[0], bias, x)
+    acc = acc - zero.to(torch.int32) * colsum.to(torch.int32)
+    return _epilogue(acc, x_scale, scale, bias, x)
 
 
 def _int_mm_linear_fake(x, codes_t, scale, bias, bits, clip_ratio):
+    return x.new_empty(*x.shape[:-1], codes_t.shape[1])
+
+
+def _int_mm_linear_asym_fake(x, codes_t, scale_colsum, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes_t.shape[1])
 
 
@@ -141,7 +151,8 @@ def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):
 
 
 int_mm_linear = define("fxquant::int_mm_linear", _int_mm_linear, _int_mm_linear_fake, inline=True)
-int_mm_linear_asym = define("fxquant::int_mm_linear_asym", _int_mm_linear_asym, _int_mm_linear_fake, inline=True)
+int_mm_linear_asym = define("fxquant::int_mm_linear_asym", _int_mm_linear_asym, _int_mm_linear_asym_fake,
+                            inline=True)
 float_codes_linear = define("fxquant::float_codes_linear", _float_codes_linear, _float_codes_linear_fake, inline=True)
 float_codes_linear_asym = define("fxquant::float_codes_linear_asym", _float_codes_linear_asym, _float_codes_linear_fake,
                                  inline=True)

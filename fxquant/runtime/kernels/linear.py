@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from fxquant.runtime.kernels import int4, int8, integer, onednn
+from fxquant.runtime.kernels import int4, int8, integer, onednn, packed_int
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,24 @@ def _int8(layer, x):
 
 def _int_mm(layer, x):
     if not layer.act.symmetric:
-        return integer.int_mm_linear_asym(x, layer.int_mm_codes_t, layer.int_mm_scale_colsum, layer.bias,
-                                          layer.act.bits, layer.act.clip_ratio)
+        return integer.int_mm_linear_asym(x, layer.int_mm_codes_t, [layer.int_mm_scale, layer.int_mm_colsum],
+                                          layer.bias, layer.act.bits, layer.act.clip_ratio)
     return integer.int_mm_linear(x, layer.int_mm_codes_t, layer.int_mm_scale, layer.bias,
                                  layer.act.bits, layer.act.clip_ratio)
 
 
 def _onednn(layer, x):
     if not layer.act.symmetric:
-        return onednn.onednn_linear_asym(x, layer.onednn_codes, layer.onednn_scale_colsum, layer.bias,
-                                         layer.act.bits, layer.act.clip_ratio)
+        return onednn.onednn_linear_asym(x, layer.onednn_codes, [layer.onednn_scale, layer.onednn_colsum],
+                                         layer.bias, layer.act.bits, layer.act.clip_ratio)
     return onednn.onednn_linear(x, layer.onednn_codes, layer.onednn_scale, layer.bias, layer.act.bits,
                                 layer.act.clip_ratio)
+
+
+def _packed_int(layer, x):
+    return packed_int.packed_int_linear(x, layer.packed_int_weight, [layer.packed_int_scale, layer.packed_int_colsum],
+                                        layer.bias, [layer.fmt.bits, layer.act.bits, int(layer.act.symmetric)],
+                                        layer.act.clip_ratio)
 
 
 def _float_codes(layer, x):
@@ -126,6 +132,9 @@ LINEAR_KERNELS = (
                  False, int4.tinygemm_refusal, int4.to_tinygemm, _tinygemm),
     LinearKernel("int8_weight", "cpu", "int8 weights (aten._weight_int8pack_mm, bf16 activations)",
                  False, int8.int8_refusal, int8.to_int8pack, _int8),
+    LinearKernel("packed_int", "cpu", "exact integer product (fxquant's C kernel: weights at their width, "
+                 "quantizer and epilogue in one call)", True, packed_int.packed_int_refusal, packed_int.to_packed_int,
+                 _packed_int, quantizes_input=True),
     LinearKernel("onednn", "cpu", "exact integer product (oneDNN u8 x s8 GEMM, int8 weights in memory)", True,
                  onednn.onednn_refusal, onednn.to_onednn, _onednn, quantizes_input=True),
     LinearKernel("int_mm", "cpu", "exact integer product (torch._int_mm, int8 x int8 -> int32)", True,

@@ -66,13 +66,13 @@ def onednn_refusal(layer) -> str | None:
 
 
 def to_onednn(layer) -> dict[str, torch.Tensor]:
-    """int8 codes [out, in] and float32 scales [out]; for asymmetric activations [scales; row sums of
-    the codes] [2, out] in float32 (exact integers: the zero point's correction), as integer.py's."""
+    """int8 codes [out, in] and float32 scales [out]; for asymmetric activations also the row sums
+    of the codes in int32 (the zero point's correction), as integer.py's."""
     codes = layer.signed_codes().contiguous()
-    scale = layer.scale[:, 0].float().contiguous()
-    if layer.act.symmetric:
-        return {"codes": codes, "scale": scale}
-    return {"codes": codes, "scale_colsum": torch.stack([scale, codes.to(torch.int32).sum(dim=1).float()])}
+    out = {"codes": codes, "scale": layer.scale[:, 0].float().contiguous()}
+    if not layer.act.symmetric:
+        out["colsum"] = integer.code_sums(codes)
+    return out
 
 
 _PACKS: dict[int, tuple] = {}  # id(codes) -> (weakref to codes, its _version, packed weight, unit scales, zeros)
@@ -118,17 +118,22 @@ def _onednn_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bi
     return integer._epilogue(acc, x_scale, scale, bias, x)
 
 
-def _onednn_linear_asym(x: torch.Tensor, codes: torch.Tensor, scale_colsum: torch.Tensor, bias: torch.Tensor | None,
-                        bits: int, clip_ratio: float) -> torch.Tensor:
+def _onednn_linear_asym(x: torch.Tensor, codes: torch.Tensor, scale_colsum: list[torch.Tensor],
+                        bias: torch.Tensor | None, bits: int, clip_ratio: float) -> torch.Tensor:
     """Asymmetric per-token x: ((q_x' q_w^T) - z_x' sum_k q_w[:, k]) s_x s_w + b, the correction in
     float32 (exact: every term is an integer below 2^24)."""
+    scale, colsum = scale_colsum
     acc, x_scale, zero = _onednn_product(x, codes, bits, False, clip_ratio)
-    return integer._epilogue(acc.sub_(zero * scale_colsum[1]), x_scale, scale_colsum[0], bias, x)
+    return integer._epilogue(acc.sub_(zero * colsum), x_scale, scale, bias, x)
 
 
 def _onednn_linear_fake(x, codes, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
+def _onednn_linear_asym_fake(x, codes, scale_colsum, bias, bits, clip_ratio):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
 onednn_linear = define("fxquant::onednn_linear", _onednn_linear, _onednn_linear_fake)
-onednn_linear_asym = define("fxquant::onednn_linear_asym", _onednn_linear_asym, _onednn_linear_fake)
+onednn_linear_asym = define("fxquant::onednn_linear_asym", _onednn_linear_asym, _onednn_linear_asym_fake)
