@@ -31,12 +31,12 @@ from fxquant.recipes import PRESETS, load_recipe
 
 def _decoding(model):
     """`model` (lowered) with every layer on its decode kernel at every M: what generate computes."""
-    from fxquant.runtime.lowered import Bf16Linear, LoweredLinear
+    from fxquant.runtime.lowered import DecodeLinear, LoweredLinear
 
     for module in model.modules():
         if isinstance(module, LoweredLinear):
             module.plan = dataclasses.replace(module.plan, max_decode_m=2 ** 62)
-        elif isinstance(module, Bf16Linear):
+        elif isinstance(module, DecodeLinear):
             module.max_decode_m = 2 ** 62
     return model
 

@@ -27,11 +27,12 @@ from fxquant.quant.pack import carry_state, pack_model
 from fxquant.runtime.attention import ATTR, AttentionTransform
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard
 from fxquant.runtime.kernels import hadamard as hadamard_kernels
+from fxquant.runtime.kernels.float_gemv import gemv_refusal
 from fxquant.runtime.kernels.linear import KERNELS, REFERENCE, candidates
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.runtime.lowered import (
-    AbsorbedActivationQuant, Bf16Linear, FastActivationQuant, FastAttentionTransform, FastHadamardQuant,
-    FastOnlineHadamard, LinearPlan, LoweredLinear, portable_hooks,
+    AbsorbedActivationQuant, Bf16Linear, DecodeLinear, FastActivationQuant, FastAttentionTransform, FastHadamardQuant,
+    FastOnlineHadamard, GemvLinear, LinearPlan, LoweredLinear, portable_hooks,
 )
 from fxquant.weights import replace_module
 
@@ -75,7 +76,7 @@ def _model_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def lower(model: torch.nn.Module, device=None, *, plan: str = "measure") -> torch.nn.Module:
+def lower(model: torch.nn.Module, device=None, *, plan: str = "measure", output_layer: str | None = None) -> torch.nn.Module:
     """Put `model` (quantized by fxquant) on the fastest correct kernels for `device` (default: where
     it is; it is moved there first), in place; returns the same object. Layers a recipe quantized
     but did not pack are packed first. `plan`: "measure" times the kernels on each layer's shape;
@@ -83,20 +84,23 @@ def lower(model: torch.nn.Module, device=None, *, plan: str = "measure") -> torc
     reference above, without timing; "decode" runs that kernel at every M (what `generate`'s decode
     steps compute, e.g. to measure its perplexity on long windows); "fast" measures like "measure" but
     also lets the bfloat16 kernels run layers with quantized activations (faster decode, a measured
-    perplexity cost at 4 bits)."""
+    perplexity cost at 4 bits). `output_layer`: the module path of the output layer, which decodes
+    on the C float32 GEMV when the recipe left it in float (default: the model's output embeddings)."""
     if plan not in PLANS:
         raise RecipeError(f"lower: plan={plan!r} is not one of {list(PLANS)}")
     if device is not None and torch.device(device) != _model_device(model):
         model.to(device)
     device = _model_device(model)
     pack_model(model)
+    output = model.get_submodule(output_layer) if output_layer else _output_layer(model)
     for path, module in list(model.named_modules()):
         _portable_hooks(module)  # lowering again starts from the portable model
-        if isinstance(module, Bf16Linear):
+        if isinstance(module, DecodeLinear):
             module = _unlowered_float(module)
             replace_module(model, path, module)
-        if path and type(module) is torch.nn.Linear and plan == "fast" and module.weight.dtype == torch.float32:
-            module = carry_state(module, Bf16Linear.lower(module))
+        decode = _float_decode(module, plan, module is output) if path else None
+        if decode is not None:
+            module = carry_state(module, decode.lower(module))
             replace_module(model, path, module)
         if isinstance(module, QuantizedLinear):
             if isinstance(module, LoweredLinear):
@@ -129,15 +133,36 @@ def _unlowered(layer: LoweredLinear) -> QuantizedLinear:
     return plain
 
 
-def _unlowered_float(layer: Bf16Linear) -> torch.nn.Linear:
-    """A float linear lowered by plan="fast" as the plain one again, on the same parameters, its
-    bfloat16 copies dropped."""
+def _output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's output layer (a Hugging Face model's output embeddings), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _float_decode(module: torch.nn.Module, plan: str, is_output: bool) -> type[DecodeLinear] | None:
+    """The decode kernel of a float32 linear the recipe left, or None (it stays F.linear): with
+    plan="fast" bfloat16 for every such layer; otherwise the C float32 GEMV for the output layer
+    only, whose float32 rounding reaches no quantizer (a layer inside a W4A4 model feeds one, and
+    a last-bit change there flips codes)."""
+    if type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32:
+        return None
+    if plan == "fast":
+        return Bf16Linear
+    return GemvLinear if is_output and gemv_refusal(module) is None else None
+
+
+def _unlowered_float(layer: DecodeLinear) -> torch.nn.Linear:
+    """A float linear lowered onto a decode kernel as the plain one again, on the same parameters,
+    its kernel buffers dropped."""
     plain = torch.nn.Linear.__new__(torch.nn.Linear)
     torch.nn.Module.__init__(plain)
     plain.in_features, plain.out_features, plain.weight, plain.bias = (
         layer.in_features, layer.out_features, layer.weight, layer.bias)
     plain = carry_state(layer, plain)
-    for name in Bf16Linear.BUFFERS:
+    for name in type(layer).BUFFERS:
         if name in plain._buffers:
             delattr(plain, name)
     return plain
@@ -279,6 +304,9 @@ def lowering_report(model: torch.nn.Module) -> LoweringReport:
         elif isinstance(module, Bf16Linear):
             entries.append(Lowered(path, "float linear", f"F.linear in bfloat16 for M <= {module.max_decode_m}, "
                                    "float32 above", "not quantized by the recipe; plan='fast'"))
+        elif isinstance(module, GemvLinear):
+            entries.append(Lowered(path, "float linear", f"fxquant's C float32 GEMV for M <= {module.max_decode_m}, "
+                                   "F.linear above", "not quantized by the recipe"))
         elif isinstance(module, torch.nn.Linear):
             entries.append(Lowered(path, "float linear", "F.linear", "not quantized by the recipe"))
         entries += _hook_entries(path, module)

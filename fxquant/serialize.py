@@ -35,7 +35,7 @@ from fxquant.quant.pack import pack_model
 from fxquant.runtime.attention import ATTR, install
 from fxquant.runtime.hooks import HOOK_TYPES
 from fxquant.runtime.linear import QuantizedLinear
-from fxquant.runtime.lowered import Bf16Linear, portable_hooks
+from fxquant.runtime.lowered import DecodeLinear, portable_hooks
 from fxquant.weights import canonical, replace_module
 
 FORMAT = "fxquant-1"
@@ -316,7 +316,7 @@ def _swapped_modules(model, fresh) -> dict:
             if isinstance(module, QuantizedLinear):
                 out[name] = {"type": "QuantizedLinear", **module.spec()}
                 continue
-            if isinstance(module, Bf16Linear) and type(fresh_modules[name]) is torch.nn.Linear:
+            if isinstance(module, DecodeLinear) and type(fresh_modules[name]) is torch.nn.Linear:
                 continue  # a lowered float linear saves as the float linear it is (its parameters)
             if not isinstance(module, torch.nn.RMSNorm) or module.weight is not None:
                 raise ModelLoadError(f"cannot save module '{name}' of type {type(module).__name__}: fxquant only "

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.runtime.kernels import float_gemv
 from fxquant.backend import BackendOptions, collect
 from fxquant.backend.graph_pass import FxquantGraphPass, rewrite
 from fxquant.backend.modules import raise_graph
@@ -71,6 +72,8 @@ def test_quantized_model_compiles_to_the_eager_lowered_numerics_with_its_kernels
     (report,) = reports
     assert report.linears == 15 and report.attentions == 2
     assert kernel in report.lowering
+    if float_gemv.unavailable() is None:  # the output layer, found in the graph, decodes on the C GEMV
+        assert "1 x float linear: fxquant's C float32 GEMV" in report.lowering
     assert all(isinstance(m, torch.nn.Linear) or not isinstance(m, fxquant.lowering.LoweredLinear)
                for m in model.modules()), "the user's model must not be lowered by compiling it"
 

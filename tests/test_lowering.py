@@ -217,13 +217,61 @@ def test_plan_fast_decodes_the_float_output_layer_in_bfloat16_and_saves_it_as_fl
     head = model.lm_head
     assert isinstance(head, Bf16Linear) and head.weight is weight  # the parameter stays (and a tie with it)
     ref16 = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
-    assert torch.equal(head(hidden), ref16) and not torch.equal(head(hidden), exact)
     long = torch.randn(1, Bf16Linear.max_decode_m + 1, model.config.hidden_size)
-    assert torch.equal(head(long), torch.nn.functional.linear(long, weight))  # prefill: float32
+    with torch.no_grad():
+        assert torch.equal(head(hidden), ref16) and not torch.equal(head(hidden), exact)
+        assert torch.equal(head(long), torch.nn.functional.linear(long, weight))  # prefill: float32
+    head(hidden).sum().backward()  # training: float32 F.linear, the gradient reaches the weight
+    assert weight.grad is not None and torch.equal(head(hidden), exact)
     assert "F.linear in bfloat16" in lowering_report(model).summary()
     fxquant.save(model, tmp_path / "m")
     loaded = fxquant.load(tmp_path / "m", lower=False)
     assert type(loaded.lm_head) is torch.nn.Linear and torch.equal(loaded.lm_head.weight, weight)
-    lower(model, plan="measure")  # lowering again starts from the float linear
-    assert type(model.lm_head) is torch.nn.Linear and not list(model.lm_head.buffers())
+    lower(model, plan="rule")  # lowering again starts from the float linear: no bfloat16 copy is left
+    assert type(model.lm_head) is not Bf16Linear and not list(model.lm_head.buffers())
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
+def test_the_float_output_layer_decodes_on_the_c_gemv_and_saves_as_float(tmp_path):
+    from fxquant.runtime.kernels import float_gemv
+    from fxquant.runtime.lowered import GemvLinear
+
+    if float_gemv.unavailable() is not None:
+        pytest.skip(float_gemv.unavailable())
+    model = _quantized("llama", "quarot-w4a4kv4")
+    weight = model.lm_head.weight
+    hidden = torch.randn(1, 3, model.config.hidden_size)
+    exact = model.lm_head(hidden).detach()
+    lower(model, plan="rule")
+    head = model.lm_head
+    assert isinstance(head, GemvLinear) and head.weight is weight and not list(head.buffers())  # reads the weight itself
+    assert isinstance(model.model.layers[0].mlp.down_proj, LoweredLinear)  # only the output layer is a GemvLinear
+    with torch.no_grad():
+        y = head(hidden)
+        torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+        long = torch.randn(1, GemvLinear.max_decode_m + 1, model.config.hidden_size)
+        assert torch.equal(head(long), torch.nn.functional.linear(long, weight))  # prefill: F.linear
+    assert "C float32 GEMV" in lowering_report(model).summary()
+    fxquant.save(model, tmp_path / "m")
+    loaded = fxquant.load(tmp_path / "m", lower=False)
+    assert type(loaded.lm_head) is torch.nn.Linear and torch.equal(loaded.lm_head.weight, weight)
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
+
+
+def test_the_c_gemv_op_passes_opcheck_and_matches_float64():
+    from fxquant.runtime.kernels import float_gemv
+
+    if float_gemv.unavailable() is not None:
+        pytest.skip(float_gemv.unavailable())
+    for k, n, m in ((100, 37, 1), (576, 64, 3), (7, 5, 2)):  # tails: K not a multiple of the lanes, N of 4 rows
+        x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(float_gemv.float_gemv(x, w, b).double(), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+        no_bias = torch.nn.functional.linear(x.double(), w.double())
+        torch.testing.assert_close(float_gemv.float_gemv(x, w, None).double(), no_bias, rtol=0,
+                                   atol=1e-6 * no_bias.abs().max().item())
+    torch.library.opcheck(torch.ops.fxquant.float_gemv.default, (torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    with pytest.raises(ValueError, match="float32 CPU tensors"):
+        float_gemv.float_gemv(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), None)

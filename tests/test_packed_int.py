@@ -30,7 +30,7 @@ CASES = [(4, 4, True), (4, 8, True), (8, 8, True), (4, 4, False), (8, 8, False),
 
 @pytest.mark.parametrize("bits_w,bits_a,symmetric", CASES)
 @pytest.mark.parametrize("in_f", [40, 128, 200])  # below one 64-weight block, whole blocks, padded
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_c_kernel_equals_int_mm_bit_for_bit(bits_w, bits_a, symmetric, in_f, dtype):
     mine = _lowered("packed_int", bits_w, bits_a, symmetric, in_f).to(dtype)
     theirs = _lowered("int_mm", bits_w, bits_a, symmetric, in_f).to(dtype)

@@ -23,7 +23,7 @@ import torch
 from fxquant.api import apply_on_inputs
 from fxquant.backend import reuse
 from fxquant.backend.graph_pass import FxquantGraphPass, pending
-from fxquant.backend.modules import raise_graph
+from fxquant.backend.modules import output_linear, raise_graph
 from fxquant.backend.report import CompileReport, collect, explain, publish
 from fxquant.backend.scope import cache_refusal, check_scope
 from fxquant.errors import CalibrationError, RecipeError, UnsupportedPatternError
@@ -81,7 +81,7 @@ def fxquant_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
     else:
         recipe_log = _apply(raised.module, opts, _concrete(inputs)) if opts.recipe is not None else ()
         if opts.lower:
-            lower(raised.module, plan=opts.plan)
+            lower(raised.module, plan=opts.plan, output_layer=output_linear(raised.module))
         reuse.remember(key, raised, graph)
     lowering = lowering_report(raised.module).summary() if opts.lower else ""
     graph_pass = FxquantGraphPass({"lower": opts.lower})

@@ -229,6 +229,25 @@ def _weight(arg, tree, weights):
     return None
 
 
+def output_linear(module: torch.fx.GraphModule) -> str | None:
+    """The path of the raised linear whose value reaches the graph's output through no other linear
+    (the output layer: `lower` decodes it on the C float32 GEMV when it is float), or None."""
+    linears = {n for n in module.graph.nodes if n.op == "call_module"
+               and isinstance(module.get_submodule(n.target), (torch.nn.Linear, QuantizedLinear))}
+    for node in reversed(list(module.graph.nodes)):
+        if node not in linears:
+            continue
+        frontier, seen = [node], {node}
+        while frontier:
+            for user in frontier.pop().users:
+                if user.op == "output":
+                    return node.target
+                if user not in linears and user not in seen:
+                    seen.add(user)
+                    frontier.append(user)
+    return None
+
+
 def _is_param(tree, fqn: str) -> bool:
     path, _, name = fqn.rpartition(".")
     return name in tree.get_submodule(path)._parameters

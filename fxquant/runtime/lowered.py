@@ -3,7 +3,8 @@
 Entry points: `LoweredLinear` (a `QuantizedLinear` that dispatches on the token count M between a
 decode kernel and a prefill kernel), `FastOnlineHadamard`, `FastActivationQuant`,
 `FastHadamardQuant` (R4 and the activation quantizer fused), `AbsorbedActivationQuant` (a quantizer
-the layer's integer kernel runs itself) and `FastAttentionTransform`. The one
+the layer's integer kernel runs itself), `FastAttentionTransform`, and `DecodeLinear` (a float
+linear decoding on a faster kernel: `GemvLinear`, `Bf16Linear`). The one
 idea: every lowered object is a subclass of the portable one it replaces and keeps its state, so
 `hooks_of`, `save` and a re-capture see what they always saw; a saved lowered model is the packed
 model (a model lowered on CPU loads and lowers on GPU). Kernel layouts are non-persistent buffers.
@@ -17,6 +18,7 @@ import torch
 
 from fxquant.runtime.attention import AttentionTransform, quantize_kv
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, _floating_input
+from fxquant.runtime.kernels.float_gemv import float_gemv
 from fxquant.runtime.kernels.hadamard import fast_hadamard
 from fxquant.runtime.kernels.linear import KERNELS
 from fxquant.runtime.kernels.quantize import fast_fake_quant, fast_hadamard_fake_quant
@@ -140,27 +142,51 @@ class FastAttentionTransform(AttentionTransform):
         return fast_hadamard(x)
 
 
-class Bf16Linear(torch.nn.Linear):
-    """A float linear the recipe left, its decode in bfloat16 (plan="fast"): a bfloat16 copy of the
-    weight made once is what M <= `max_decode_m` tokens read (half the bytes of a float32 decode,
-    which reads every weight once per token); more tokens run the float32 weight, which stays the
-    parameter it was (`save` writes it; a tied embedding keeps reading it)."""
+class DecodeLinear(torch.nn.Linear):
+    """A float linear the recipe left, decoding on a faster kernel: M <= `max_decode_m` tokens run
+    `decode`, more run F.linear on the float32 weight, which stays the parameter it was (`save`
+    writes it; a tied embedding keeps reading it). Subclasses add the buffers the kernel reads."""
 
-    BUFFERS = ("weight_bf16", "bias_bf16")
-    max_decode_m = 16  # bfloat16 GEMMs are slow at large M on CPUs without native bfloat16
+    BUFFERS: tuple[str, ...] = ()
+    max_decode_m = 16
 
     @classmethod
-    def lower(cls, linear: torch.nn.Linear) -> "Bf16Linear":
+    def lower(cls, linear: torch.nn.Linear) -> "DecodeLinear":
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        new.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
-        new.register_buffer("bias_bf16", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16),
-                            persistent=False)
+        new.prepare()
         return new
 
+    def prepare(self) -> None:
+        """Build the kernel's buffers from the weight (none by default)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features > self.max_decode_m:
-            return super().forward(x)
+        if x.numel() // self.in_features > self.max_decode_m or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(x)  # prefill, and training: F.linear (gradients reach the weight)
+        return self.decode(x)
+
+
+class Bf16Linear(DecodeLinear):
+    """plan="fast": the decode in bfloat16, on a bfloat16 copy of the weight made once (half the
+    bytes of a float32 decode, which reads every weight once per token); bfloat16 GEMMs are slow
+    at large M on CPUs without native bfloat16, hence F.linear above `max_decode_m`."""
+
+    BUFFERS = ("weight_bf16", "bias_bf16")
+
+    def prepare(self) -> None:
+        self.register_buffer("weight_bf16", self.weight.detach().to(torch.bfloat16), persistent=False)
+        self.register_buffer("bias_bf16", None if self.bias is None else self.bias.detach().to(torch.bfloat16),
+                             persistent=False)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)
+
+
+class GemvLinear(DecodeLinear):
+    """The float32 output layer decoding on fxquant's C GEMV (float_gemv.c), on the weight itself:
+    the same bytes as F.linear, read at the memory's speed; float32 rounding apart from it."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return float_gemv(x, self.weight, self.bias)

@@ -152,10 +152,13 @@ static int32_t dot8(const uint8_t *w, const int8_t *c, int64_t Kp) {
 
 /* The linear: x [M, K] float32 -> y [M, N] float32. w: N rows of Kp / 2 (4-bit) or Kp (8-bit)
  * bytes; w_scale [N]; colsum [N] (sum of the weight codes, read when asymmetric) ; bias [N] or NULL.
- * Returns 0, or -1 when out of memory (y untouched). */
+ * Returns 0; -1 when out of memory, -2 for float16 scales without a compiler _Float16 (y untouched). */
 int fxq_packed_int_linear(const float *x, int64_t M, int64_t K, int64_t Kp, const uint8_t *w, int wbits,
                           int64_t N, const float *w_scale, const int32_t *colsum, const float *bias,
                           int xbits, int symmetric, float clip, int scale_dtype, float *y, int nthreads) {
+#if !defined(__FLT16_MAX__)
+    if (scale_dtype == 2) return -2;
+#endif
     int8_t *c = aligned_alloc(64, (size_t)(M * Kp + 64));
     float *sx = malloc(sizeof(float) * (size_t)M);
     int32_t *zx = malloc(sizeof(int32_t) * (size_t)M), *cs = malloc(sizeof(int32_t) * (size_t)M);

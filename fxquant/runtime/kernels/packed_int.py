@@ -86,6 +86,9 @@ def _packed_int_linear(x: torch.Tensor, weight: torch.Tensor, scale_colsum: list
     status = _function()(flat.data_ptr(), flat.shape[0], k, kp, weight.data_ptr(), wbits, n, scale.data_ptr(),
                          colsum.data_ptr(), None if b is None else b.data_ptr(), xbits, symmetric, clip_ratio,
                          SCALE_DTYPES.get(x.dtype, 0), y.data_ptr(), torch.get_num_threads())
+    if status == -2:
+        raise TypeError("this build of fxquant's C integer linear has no float16 (its compiler lacks _Float16): "
+                        "run the model in float32 or bfloat16, or lower it with a newer compiler")
     if status != 0:
         raise MemoryError(f"fxquant's C integer linear could not allocate its buffers ({flat.shape[0]} x {kp})")
     return y.to(x.dtype).view(*x.shape[:-1], n)
