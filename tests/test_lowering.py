@@ -221,6 +221,12 @@ def test_plan_fast_decodes_the_float_output_layer_in_bfloat16_and_saves_it_as_fl
     with torch.no_grad():
         assert torch.equal(head(hidden), ref16) and not torch.equal(head(hidden), exact)
         assert torch.equal(head(long), torch.nn.functional.linear(long, weight))  # prefill: float32
+        one = hidden[:, :1]  # one token: the C GEMV on the bfloat16 weight, x and the sums in float32
+        rounded = torch.nn.functional.linear(one.double(), weight.bfloat16().double()).float()
+        if head.gemv:
+            torch.testing.assert_close(head(one), rounded, rtol=0, atol=1e-6 * rounded.abs().max().item())
+        else:
+            assert torch.equal(head(one), ref16[:, :1])
     head(hidden).sum().backward()  # training: float32 F.linear, the gradient reaches the weight
     assert weight.grad is not None and torch.equal(head(hidden), exact)
     assert "F.linear in bfloat16" in lowering_report(model).summary()
@@ -268,10 +274,13 @@ def test_the_c_gemv_op_passes_opcheck_and_matches_float64():
         x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
         ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
         torch.testing.assert_close(float_gemv.float_gemv(x, w, b).double(), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+        halved = torch.nn.functional.linear(x.double(), w.bfloat16().double(), b.double())  # bfloat16 weights
+        torch.testing.assert_close(float_gemv.float_gemv(x, w.bfloat16(), b).double(), halved, rtol=0,
+                                   atol=1e-6 * halved.abs().max().item())
         no_bias = torch.nn.functional.linear(x.double(), w.double())
         torch.testing.assert_close(float_gemv.float_gemv(x, w, None).double(), no_bias, rtol=0,
                                    atol=1e-6 * no_bias.abs().max().item())
     torch.library.opcheck(torch.ops.fxquant.float_gemv.default, (torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-    with pytest.raises(ValueError, match="float32 CPU tensors"):
+    with pytest.raises(ValueError, match="takes float32 x and a float32 or bfloat16 weight on CPU"):
         float_gemv.float_gemv(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8), None)

@@ -18,7 +18,7 @@ import torch
 
 from fxquant.runtime.attention import AttentionTransform, quantize_kv
 from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard, _floating_input
-from fxquant.runtime.kernels.float_gemv import float_gemv
+from fxquant.runtime.kernels.float_gemv import float_gemv, gemv_refusal
 from fxquant.runtime.kernels.hadamard import fast_hadamard
 from fxquant.runtime.kernels.linear import KERNELS
 from fxquant.runtime.kernels.quantize import fast_fake_quant, fast_hadamard_fake_quant
@@ -171,16 +171,22 @@ class DecodeLinear(torch.nn.Linear):
 class Bf16Linear(DecodeLinear):
     """plan="fast": the decode in bfloat16, on a bfloat16 copy of the weight made once (half the
     bytes of a float32 decode, which reads every weight once per token); bfloat16 GEMMs are slow
-    at large M on CPUs without native bfloat16, hence F.linear above `max_decode_m`."""
+    at large M on CPUs without native bfloat16, hence F.linear above `max_decode_m`. One token runs
+    the C GEMV on the bfloat16 copy (x and the sums stay float32; faster than F.linear there,
+    measured), more run F.linear in bfloat16."""
 
     BUFFERS = ("weight_bf16", "bias_bf16")
+    gemv_max_m = 1
 
     def prepare(self) -> None:
         self.register_buffer("weight_bf16", self.weight.detach().to(torch.bfloat16), persistent=False)
         self.register_buffer("bias_bf16", None if self.bias is None else self.bias.detach().to(torch.bfloat16),
                              persistent=False)
+        self.gemv = gemv_refusal(self) is None  # the float32 weight on CPU, the C library built
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv and x.numel() // self.in_features <= self.gemv_max_m and x.dtype == torch.float32:
+            return float_gemv(x, self.weight_bf16, self.bias)
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16, self.bias_bf16).to(x.dtype)
 
 

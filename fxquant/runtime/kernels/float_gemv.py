@@ -8,6 +8,7 @@ float32 sums run in another order than the BLAS's, so it differs from F.linear b
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -18,11 +19,12 @@ from fxquant.runtime.kernels.native import NativeUnavailable, library
 def _function():
     fn = library("float_gemv").fxq_float_gemv
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
+    fn.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, p, ctypes.c_int]
     fn.restype = None
     return fn
 
 
+@functools.cache
 def unavailable() -> str | None:
     """Why the C GEMV cannot run here (None: it can)."""
     try:
@@ -39,15 +41,19 @@ def gemv_refusal(linear: torch.nn.Linear) -> str | None:
     return unavailable()
 
 
+WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
 def _float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + b in float32 through the C GEMV (x [..., K] float32 on CPU, W [N, K])."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32:
-        raise ValueError(f"fxquant's C GEMV takes float32 CPU tensors, got x {x.dtype} on {x.device}, weight "
-                         f"{weight.dtype}: lower the model again after moving or casting it")
+    """y = x W^T + b in float32 through the C GEMV (x [..., K] float32 on CPU, W [N, K] float32 or
+    bfloat16)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"fxquant's C GEMV takes float32 x and a float32 or bfloat16 weight on CPU, got x {x.dtype} "
+                         f"on {x.device}, weight {weight.dtype}: lower the model again after moving or casting it")
     flat, w = x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(flat.shape[0], w.shape[0], dtype=torch.float32)
-    _function()(flat.data_ptr(), flat.shape[0], flat.shape[1], w.data_ptr(), w.shape[0],
+    _function()(flat.data_ptr(), flat.shape[0], flat.shape[1], w.data_ptr(), WEIGHT_DTYPES[w.dtype], w.shape[0],
                 None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y.view(*x.shape[:-1], w.shape[0])
 
