@@ -18,7 +18,7 @@ ACCURACY = ("### Perplexity before and after `fxquant.lower`, every preset",
             ["w8a8", "smoothquant-w8a8", "rotate-r1r2-w8a8", "w4a16", "awq-w4a16", "gptq-w4a16", "quarot-w4a8",
              "quarot-gptq-w4a4kv4", "quarot-w4a4kv4"])
 SPEED = "### Decode and prefill speed (bench/speed.py)"
-BACKEND_SPEED = "### Under `torch.compile(backend=\"fxquant\")` (bench/speed.py --backend)"
+BACKEND_SPEED = "### Under `torch.compile(backend=\"fxquant\")` on the C kernels (2026-12-02)"
 
 
 def section_table(text: str, heading: str) -> list[dict[str, str]]:
