@@ -13,7 +13,7 @@ import functools
 import torch
 
 from fxquant.runtime.kernels.define import define
-from fxquant.runtime.kernels.native import NativeUnavailable, library
+from fxquant.runtime.kernels.native import library, refusal
 
 
 def _function():
@@ -27,11 +27,7 @@ def _function():
 @functools.cache
 def unavailable() -> str | None:
     """Why the C GEMV cannot run here (None: it can)."""
-    try:
-        _function()
-    except NativeUnavailable as exc:
-        return str(exc)
-    return None
+    return refusal(_function)
 
 
 def gemv_refusal(linear: torch.nn.Linear) -> str | None:

@@ -63,6 +63,8 @@ def library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     import torch  # noqa: F401  (torch's OpenMP runtime first: the library then shares its threads)
 
     source = Path(__file__).with_name(f"{name}.c")
+    if not source.is_file():
+        raise NativeUnavailable(f"{source} is missing from this install (reinstall fxquant)")
     compiler, version = _compiler()
     flags = (*FLAGS, *extra_flags)
     key = hashlib.sha256("\n".join([source.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
@@ -81,3 +83,12 @@ def library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         return ctypes.CDLL(str(target))
     except OSError as exc:
         raise NativeUnavailable(f"{target} does not load: {exc}") from exc
+
+
+def refusal(load) -> str | None:
+    """Why `load()` (a kernel's entry point getter) cannot give its C function here, or None."""
+    try:
+        load()
+    except NativeUnavailable as exc:
+        return str(exc)
+    return None

@@ -81,6 +81,16 @@ static void quantize_row(const float *x, int64_t K, int64_t Kp, int bits, int sy
     *csum = sum;
 }
 
+#if defined(__AVX2__)
+/* The sum of the eight int32 lanes. */
+static inline int32_t hsum(__m256i acc) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
 /* sum_k c[k] u[k] over Kp weights of one 4-bit row (u in [0, 15]). */
 static int32_t dot4(const uint8_t *w, const int8_t *c, int64_t Kp) {
     int64_t blocks = Kp / BLOCK;
@@ -107,10 +117,7 @@ static int32_t dot4(const uint8_t *w, const int8_t *c, int64_t Kp) {
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
 #endif
     }
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+    return hsum(acc);
 #else
     int32_t acc = 0;
     for (int64_t b = 0; b < blocks; b++)
@@ -139,10 +146,7 @@ static int32_t dot8(const uint8_t *w, const int8_t *c, int64_t Kp) {
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wk, ck));
     }
 #endif
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+    return hsum(acc);
 #else
     int32_t acc = 0;
     for (int64_t k = 0; k < Kp; k++) acc += w[k] * c[k];

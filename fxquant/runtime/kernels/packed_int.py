@@ -16,7 +16,7 @@ import torch
 
 from fxquant.runtime.kernels import integer
 from fxquant.runtime.kernels.define import define
-from fxquant.runtime.kernels.native import NativeUnavailable, library
+from fxquant.runtime.kernels.native import library, refusal
 
 BLOCK = 64  # weights per block of the 4-bit layout (packed_int.c); rows are padded to a multiple
 SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -33,11 +33,7 @@ def _function(extra_flags: tuple[str, ...] = ()):
 
 def unavailable() -> str | None:
     """Why the C kernel cannot run here (None: it can)."""
-    try:
-        _function()
-    except NativeUnavailable as exc:
-        return str(exc)
-    return None
+    return refusal(_function)
 
 
 def packed_int_refusal(layer) -> str | None:
