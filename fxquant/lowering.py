@@ -92,13 +92,13 @@ def lower(model: torch.nn.Module, device=None, *, plan: str = "measure", output_
         model.to(device)
     device = _model_device(model)
     pack_model(model)
-    output = model.get_submodule(output_layer) if output_layer else _output_layer(model)
+    output = output_layer or _output_layer(model)
     for path, module in list(model.named_modules()):
         _portable_hooks(module)  # lowering again starts from the portable model
         if isinstance(module, DecodeLinear):
             module = _unlowered_float(module)
             replace_module(model, path, module)
-        decode = _float_decode(module, plan, module is output) if path else None
+        decode = _float_decode(module, plan, path == output) if path else None
         if decode is not None:
             module = carry_state(module, decode.lower(module))
             replace_module(model, path, module)
@@ -133,13 +133,14 @@ def _unlowered(layer: LoweredLinear) -> QuantizedLinear:
     return plain
 
 
-def _output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The model's output layer (a Hugging Face model's output embeddings), or None."""
+def _output_layer(model: torch.nn.Module) -> str | None:
+    """The path of the model's output layer (a Hugging Face model's output embeddings), or None."""
     get = getattr(model, "get_output_embeddings", None)
     try:
-        return get() if callable(get) else None
+        layer = get() if callable(get) else None
     except (AttributeError, NotImplementedError):
         return None
+    return next((path for path, module in model.named_modules() if module is layer), None) if layer is not None else None
 
 
 def _float_decode(module: torch.nn.Module, plan: str, is_output: bool) -> type[DecodeLinear] | None:

@@ -235,6 +235,11 @@ def test_plan_fast_decodes_the_float_output_layer_in_bfloat16_and_saves_it_as_fl
     assert type(loaded.lm_head) is torch.nn.Linear and torch.equal(loaded.lm_head.weight, weight)
     lower(model, plan="rule")  # lowering again starts from the float linear: no bfloat16 copy is left
     assert type(model.lm_head) is not Bf16Linear and not list(model.lm_head.buffers())
+    from fxquant.runtime.kernels import float_gemv
+    from fxquant.runtime.lowered import GemvLinear
+
+    if float_gemv.unavailable() is None:  # and it is found again as the output layer
+        assert type(model.lm_head) is GemvLinear and model.lm_head.weight is weight
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
 
 
@@ -265,11 +270,15 @@ def test_the_float_output_layer_decodes_on_the_c_gemv_and_saves_as_float(tmp_pat
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
 
 
-def test_the_c_gemv_op_passes_opcheck_and_matches_float64():
+@pytest.mark.parametrize("build", [(), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["this CPU", "AVX2", "plain C"])
+def test_the_c_gemv_op_passes_opcheck_and_matches_float64(build, monkeypatch):
     from fxquant.runtime.kernels import float_gemv
 
     if float_gemv.unavailable() is not None:
         pytest.skip(float_gemv.unavailable())
+    older = float_gemv._function(build)  # the code paths of older CPUs, built here
+    monkeypatch.setattr(float_gemv, "_function", lambda: older)
     for k, n, m in ((100, 37, 1), (576, 64, 3), (7, 5, 2)):  # tails: K not a multiple of the lanes, N of 4 rows
         x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
         ref = torch.nn.functional.linear(x.double(), w.double(), b.double())

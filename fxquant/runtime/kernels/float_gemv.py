@@ -16,8 +16,10 @@ from fxquant.runtime.kernels.define import define
 from fxquant.runtime.kernels.native import library, refusal
 
 
-def _function():
-    fn = library("float_gemv").fxq_float_gemv
+@functools.cache
+def _function(extra_flags: tuple[str, ...] = ()):
+    """The C entry point, its argument types set (NativeUnavailable where it cannot be built)."""
+    fn = library("float_gemv", extra_flags).fxq_float_gemv
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, p, ctypes.c_int]
     fn.restype = None

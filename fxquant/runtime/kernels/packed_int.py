@@ -11,6 +11,7 @@ the scale rounded to theirs in C, as row_codes does; the output is cast back.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -22,6 +23,7 @@ BLOCK = 64  # weights per block of the 4-bit layout (packed_int.c); rows are pad
 SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+@functools.cache
 def _function(extra_flags: tuple[str, ...] = ()):
     """The C entry point, its argument types set (NativeUnavailable where it cannot be built)."""
     fn = library("packed_int", extra_flags).fxq_packed_int_linear
