@@ -218,13 +218,19 @@ def quantized_sites(cg: CapturedGraph) -> tuple[list[LinearSite], list[LinearSit
 
 
 def _reaches_output(node: Node) -> bool:
+    return reaches_output(node, lambda user: classify(user) is not OpClass.LINEAR)
+
+
+def reaches_output(node: Node, flows_through) -> bool:
+    """Whether `node`'s value reaches the graph's output through users for which `flows_through`
+    holds (the output layer: through no other linear)."""
     frontier, seen = [node], {node}
     while frontier:
         current = frontier.pop()
         for user in real_users(current):
             if user.op == "output":
                 return True
-            if classify(user) is not OpClass.LINEAR and user not in seen:
+            if flows_through(user) and user not in seen:
                 seen.add(user)
                 frontier.append(user)
     return False

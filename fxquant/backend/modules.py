@@ -19,6 +19,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from fxquant.analysis.dataflow import reaches_output
 from fxquant.quant import records
 from fxquant.quant.format import QuantFormat
 from fxquant.runtime.attention import GraphAttention
@@ -232,20 +233,10 @@ def _weight(arg, tree, weights):
 def output_linear(module: torch.fx.GraphModule) -> str | None:
     """The path of the raised linear whose value reaches the graph's output through no other linear
     (the output layer: `lower` decodes it on the C float32 GEMV when it is float), or None."""
-    linears = {n for n in module.graph.nodes if n.op == "call_module"
-               and isinstance(module.get_submodule(n.target), (torch.nn.Linear, QuantizedLinear))}
-    for node in reversed(list(module.graph.nodes)):
-        if node not in linears:
-            continue
-        frontier, seen = [node], {node}
-        while frontier:
-            for user in frontier.pop().users:
-                if user.op == "output":
-                    return node.target
-                if user not in linears and user not in seen:
-                    seen.add(user)
-                    frontier.append(user)
-    return None
+    linears = [n for n in module.graph.nodes if n.op == "call_module"
+               and isinstance(module.get_submodule(n.target), (torch.nn.Linear, QuantizedLinear))]
+    others = set(linears)
+    return next((n.target for n in reversed(linears) if reaches_output(n, lambda user: user not in others)), None)
 
 
 def _is_param(tree, fqn: str) -> bool:

@@ -66,7 +66,7 @@ def to_int_mm(layer) -> dict[str, torch.Tensor]:
 
 def code_sums(codes: torch.Tensor) -> torch.Tensor:
     """sum_k q_w[n, k] per output channel, int32 [out]."""
-    return codes.to(torch.int32).sum(dim=1).to(torch.int32).contiguous()
+    return codes.sum(dim=1, dtype=torch.int32).contiguous()
 
 
 def to_int8_codes(layer) -> dict[str, torch.Tensor]:
@@ -128,10 +128,6 @@ def _int_mm_linear_fake(x, codes_t, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes_t.shape[1])
 
 
-def _int_mm_linear_asym_fake(x, codes_t, scale_colsum, bias, bits, clip_ratio):
-    return x.new_empty(*x.shape[:-1], codes_t.shape[1])
-
-
 def _float_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                         bits: int, clip_ratio: float) -> torch.Tensor:
     """Quantize x per token, then the integer product as an exact float32 GEMM of the codes."""
@@ -151,8 +147,7 @@ def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):
 
 
 int_mm_linear = define("fxquant::int_mm_linear", _int_mm_linear, _int_mm_linear_fake, inline=True)
-int_mm_linear_asym = define("fxquant::int_mm_linear_asym", _int_mm_linear_asym, _int_mm_linear_asym_fake,
-                            inline=True)
+int_mm_linear_asym = define("fxquant::int_mm_linear_asym", _int_mm_linear_asym, _int_mm_linear_fake, inline=True)
 float_codes_linear = define("fxquant::float_codes_linear", _float_codes_linear, _float_codes_linear_fake, inline=True)
 float_codes_linear_asym = define("fxquant::float_codes_linear_asym", _float_codes_linear_asym, _float_codes_linear_fake,
                                  inline=True)

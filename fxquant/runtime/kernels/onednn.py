@@ -131,9 +131,5 @@ def _onednn_linear_fake(x, codes, scale, bias, bits, clip_ratio):
     return x.new_empty(*x.shape[:-1], codes.shape[0])
 
 
-def _onednn_linear_asym_fake(x, codes, scale_colsum, bias, bits, clip_ratio):
-    return x.new_empty(*x.shape[:-1], codes.shape[0])
-
-
 onednn_linear = define("fxquant::onednn_linear", _onednn_linear, _onednn_linear_fake)
-onednn_linear_asym = define("fxquant::onednn_linear_asym", _onednn_linear_asym, _onednn_linear_asym_fake)
+onednn_linear_asym = define("fxquant::onednn_linear_asym", _onednn_linear_asym, _onednn_linear_fake)
