@@ -1,12 +1,16 @@
 """Hadamard, random-Hadamard and random-orthogonal rotations, and the fast Hadamard transform.
 
 Entry points: `hadamard_matrix(n)`, `rotation_matrix(kind, n, ...)`, `hadamard_transform(x)`,
-`has_hadamard(n)`, `hadamard_base_sizes()`, `hadamard_construction(n)`.
+`kronecker_hadamard(x)` (the online transform's arithmetic), `has_hadamard(n)`,
+`hadamard_base_sizes()`, `hadamard_construction(n)`.
 The one idea: n = m * 2^k with the smallest base m <= MAX_BASE that fxquant can build
 (`hadamard_constructions`: Paley, Williamson, Goethals–Seidel over finite fields), and
 H_n = H_m (x) H_{2^k} (Kronecker, Sylvester factor inner). The transform applies H_{2^k} as an
 O(n log n) butterfly over contiguous chunks of 2^k and H_m as a small m x m matmul; the dense
-matrix is defined with the same ordering, so the two agree exactly. Sizes with no base in reach
+matrix is defined with the same ordering, so the two agree exactly. Online (on activations, in
+float32) the transform is `kronecker_hadamard`: H_{2^k} split into Sylvester factors, three small
+GEMMs per row; the reference op and every CPU kernel run exactly it, so a 4-bit quantizer after it
+sees the same bits whichever runs. Sizes with no base in reach
 raise NoHadamardError naming the block-diagonal and random-orthogonal alternatives; nothing is
 ever zero-padded.
 """
@@ -253,3 +257,36 @@ def rotation_operator(kind: str, n: int, *, seed: int = 0, block_size: int | Non
         return y if signs is None else y * signs.to(device=x.device, dtype=x.dtype)
 
     return apply
+
+
+MAX_FACTOR = 128  # a 128 x 128 factor is 64 KB in float32: one GEMM per axis stays in cache (CPU, measured)
+
+
+@functools.lru_cache(maxsize=64)
+def kronecker_factors(n: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(H_m or None, H_A, H_B) in `dtype` on `device`, with H_{2^k} = H_A (x) H_B (Sylvester, B at
+    most MAX_FACTOR) and the 1/sqrt(n) normalisation folded into H_B."""
+    m, k = _require(n)
+    a = max(0, k - int(math.log2(MAX_FACTOR)))
+    base = base_hadamard(m).to(device=device, dtype=dtype) if m > 1 else None
+    h_a = _sylvester(a).to(device=device, dtype=dtype)
+    h_b = (_sylvester(k - a).double() / math.sqrt(n)).to(device=device, dtype=dtype)
+    return base, h_a, h_b
+
+
+def kronecker_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """y = x @ H^T / sqrt(n) over the last dim as three small GEMMs (x viewed as [..., m, A, B]:
+    Y = H_m . (H_A . (X H_B))), in x's dtype (half types compute in float32): the online Hadamard's
+    arithmetic, equal to `hadamard_transform` in exact arithmetic, a last float bit apart from it."""
+    n = x.shape[-1]
+    if not x.is_floating_point():
+        raise TypeError(f"kronecker_hadamard needs a floating-point tensor, got {x.dtype}; cast it first (x.float())")
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    base, h_a, h_b = kronecker_factors(n, work.device, work.dtype)
+    a, b = h_a.shape[0], h_b.shape[0]
+    y = work.reshape(-1, n // (a * b), a, b) @ h_b  # Sylvester factors are symmetric: H^T = H
+    if a > 1:
+        y = h_a @ y
+    if base is not None:
+        y = base @ y.reshape(-1, base.shape[0], a * b)
+    return y.reshape(x.shape).to(x.dtype)

@@ -25,19 +25,19 @@ from torch.utils.hooks import RemovableHandle
 from fxquant.errors import RecipeError
 from fxquant.quant.pack import carry_state, pack_model
 from fxquant.runtime.attention import ATTR, AttentionTransform
-from fxquant.runtime.hooks import ActivationFakeQuant, OnlineHadamard
+from fxquant.runtime.hooks import AbsorbedActivationQuant, ActivationFakeQuant, OnlineHadamard
 from fxquant.runtime.kernels import hadamard as hadamard_kernels
 from fxquant.runtime.kernels.float_gemv import gemv_refusal
 from fxquant.runtime.kernels.linear import KERNELS, REFERENCE, candidates
-from fxquant.runtime.linear import QuantizedLinear
+from fxquant.runtime.linear import QuantizedLinear, absorb_input_quantizer
 from fxquant.runtime.lowered import (
-    AbsorbedActivationQuant, Bf16Linear, DecodeLinear, FastActivationQuant, FastAttentionTransform, FastHadamardQuant,
+    Bf16Linear, DecodeLinear, FastActivationQuant, FastAttentionTransform, FastHadamardQuant,
     FastOnlineHadamard, GemvLinear, LinearPlan, LoweredLinear, portable_hooks,
 )
 from fxquant.weights import replace_module
 
 log = logging.getLogger("fxquant")
-LOWERED_HOOKS = (FastOnlineHadamard, FastActivationQuant, FastHadamardQuant, AbsorbedActivationQuant)
+LOWERED_HOOKS = (FastOnlineHadamard, FastActivationQuant, FastHadamardQuant)
 
 PREFILL_M = 256  # the token count the prefill kernel is chosen at
 RULE_DECODE_M = 16  # plan="rule": the decode kernel up to this many tokens, the reference above
@@ -105,13 +105,9 @@ def lower(model: torch.nn.Module, device=None, *, plan: str = "measure", output_
         if isinstance(module, QuantizedLinear):
             if isinstance(module, LoweredLinear):
                 module = _unlowered(module)
-            act = _input_quantizer(module)
-            chosen, absorbed = _plan(module, act, device, plan)
-            module = carry_state(module, LoweredLinear.lower(module, chosen, act if absorbed else None))
+            absorb_input_quantizer(module)  # a quantizer installed after pack (pack and load absorb their own)
+            module = carry_state(module, LoweredLinear.lower(module, _plan(module, device, plan)))
             replace_module(model, path, module)
-            if absorbed:  # the layer's integer kernel quantizes its input: the hook stands aside
-                hooks = module._forward_pre_hooks
-                hooks[next(reversed(hooks))] = AbsorbedActivationQuant(act.bits, act.symmetric, act.clip_ratio)
         _lower_hooks(module)
         transform = getattr(module, ATTR, None)
         if isinstance(transform, AttentionTransform):
@@ -126,7 +122,7 @@ def _unlowered(layer: LoweredLinear) -> QuantizedLinear:
     plain = carry_state(layer, QuantizedLinear(layer.in_features, layer.out_features, layer.fmt,
                                                bias=layer.bias is not None, dtype=layer.scale.dtype,
                                                transposed=layer.transposed).to(layer.codes.device))
-    plain.bias = layer.bias
+    plain.bias, plain.act = layer.bias, layer.act
     for kernel, keys in layer.kernel_buffers.items():
         for key in keys:
             delattr(plain, f"{kernel}_{key}")
@@ -177,14 +173,8 @@ def _portable_hooks(module: torch.nn.Module) -> None:
     items = [(key, hook) for key, hook in hooks.items()]
     hooks.clear()
     for key, hook in items:
-        for i, plain in enumerate(portable_hooks(hook)):
+        for i, plain in enumerate(portable_hooks(hook) if isinstance(hook, LOWERED_HOOKS) else (hook,)):
             hooks[key if i == 0 else RemovableHandle(hooks).id] = plain
-
-
-def _input_quantizer(layer: QuantizedLinear) -> ActivationFakeQuant | None:
-    """The activation quantizer that runs last on the layer's input, which a kernel may take over."""
-    last = next(reversed(layer._forward_pre_hooks.values()), None) if layer._forward_pre_hooks else None
-    return last if type(last) is ActivationFakeQuant else None
 
 
 def _lower_hooks(module: torch.nn.Module) -> None:
@@ -205,35 +195,34 @@ def _lower_hooks(module: torch.nn.Module) -> None:
             hooks[key] = FastActivationQuant(hook.bits, hook.symmetric, hook.clip_ratio)
 
 
-def _plan(layer: QuantizedLinear, act, device: torch.device, how: str) -> tuple[LinearPlan, bool]:
-    """Decide which kernels run `layer` (measured on its shape, or by the rule), and whether its
-    kernel takes over the activation quantizer `act`. A layer with quantized activations keeps to
-    the exact kernels (integer product) where one takes it: bf16 rounding before a later 4-bit
-    quantizer flips codes, which moves perplexity (docs/BENCHMARKS.md); plan="fast" allows them."""
-    probe = LoweredLinear.lower(layer, LinearPlan(REFERENCE.name, REFERENCE.name, 0), act)
+def _plan(layer: QuantizedLinear, device: torch.device, how: str) -> LinearPlan:
+    """Decide which kernels run `layer` (measured on its shape, or by the rule). A layer that
+    quantizes its input (`layer.act`) keeps to the exact kernels (the integer product) where one
+    takes it: bf16 rounding before a later 4-bit quantizer flips codes, which moves perplexity
+    (docs/BENCHMARKS.md); plan="fast" allows them. Kernels are timed as they will run, the
+    quantizer included."""
+    probe = LoweredLinear.lower(layer, LinearPlan(REFERENCE.name, REFERENCE.name, 0))
     usable, refused = candidates(probe, device)
     exact_fast = [k for k in usable if k.exact and k is not REFERENCE]
-    if act is not None and exact_fast and how != "fast":
+    if probe.act is not None and exact_fast and how != "fast":
         usable = [REFERENCE, *exact_fast]
     fast = [k for k in usable if k is not REFERENCE]
-    absorbed = any(k.quantizes_input for k in fast)
     why_not = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
     if not fast:
-        return LinearPlan(REFERENCE.name, REFERENCE.name, 0, f"no kernel takes it ({why_not})"), False
+        return LinearPlan(REFERENCE.name, REFERENCE.name, 0, f"no kernel takes it ({why_not})")
     if how == "rule":
-        return LinearPlan(fast[0].name, REFERENCE.name, RULE_DECODE_M, "rule"), absorbed
+        return LinearPlan(fast[0].name, REFERENCE.name, RULE_DECODE_M, "rule")
     if how == "decode":
-        return LinearPlan(fast[0].name, fast[0].name, 2 ** 62, "decode kernel at every M"), absorbed
-    probe.act = act if absorbed else None  # time the kernels as they will run: with or without the quantizer
+        return LinearPlan(fast[0].name, fast[0].name, 2 ** 62, "decode kernel at every M")
     decode = min(usable, key=lambda k: _time(k, probe, 1))
     prefill = min(usable, key=lambda k: _time(k, probe, PREFILL_M))
     if decode is prefill:
-        return LinearPlan(decode.name, prefill.name, PREFILL_M, "measured"), absorbed
+        return LinearPlan(decode.name, prefill.name, PREFILL_M, "measured")
     lo, hi = 1, PREFILL_M  # decode wins at lo, prefill at hi: bisect the crossover over powers of two
     while hi > 2 * lo:
         mid = int((lo * hi) ** 0.5)
         lo, hi = (mid, hi) if _time(decode, probe, mid) <= _time(prefill, probe, mid) else (lo, mid)
-    return LinearPlan(decode.name, prefill.name, lo, "measured"), absorbed
+    return LinearPlan(decode.name, prefill.name, lo, "measured")
 
 
 @functools.cache

@@ -34,7 +34,7 @@ from fxquant.lowering import lower as lower_model
 from fxquant.quant.pack import pack_model
 from fxquant.runtime.attention import ATTR, install
 from fxquant.runtime.hooks import HOOK_TYPES
-from fxquant.runtime.linear import QuantizedLinear
+from fxquant.runtime.linear import QuantizedLinear, absorb_input_quantizers
 from fxquant.runtime.lowered import DecodeLinear, portable_hooks
 from fxquant.weights import canonical, replace_module
 
@@ -110,6 +110,7 @@ def load(directory, dtype: torch.dtype | None = None, *, lower: bool = False, de
             model.get_submodule(path).register_forward_pre_hook(_HOOKS[hook.pop("type")](**hook))
     for path, fields in meta["attention"].items():
         install(model, model.get_submodule(path), **fields)
+    absorb_input_quantizers(model)  # as pack left them: the integer product's layers quantize their input
     if lower:
         lower_model(model, device)
     elif device is not None:

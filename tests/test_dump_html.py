@@ -108,9 +108,8 @@ def test_identical_blocks_are_one_repeat_box_that_opens_and_closes(page):
     assert heads == ["after pack", "layers.0-1 \u00d7 2"]
     assert "2 blocks have this graph" in page.eval("document.querySelector('section.group section.group .ghead').textContent")
     groups = page.eval("[...document.querySelectorAll('section.group section.group .node[data-path]')].map(e => e.dataset.path)")
-    # after pack the mlp has 10 ops (quantizers, the R4 hadamard), too many to inline: a box of its own
-    assert groups == ["model.layers.0.input_layernorm", "model.layers.0.self_attn", "model.layers.0.post_attention_layernorm",
-                      "model.layers.0.mlp"]
+    # after pack the mlp's linears run their activation quantizers themselves: few enough ops to inline
+    assert groups == ["model.layers.0.input_layernorm", "model.layers.0.self_attn", "model.layers.0.post_attention_layernorm"]
     page.eval("document.querySelector('section.group section.group .ghead .x').click(); 1")
     assert page.eval("document.querySelectorAll('section.group').length") == 1
     assert page.errors() == []
@@ -136,7 +135,7 @@ def test_chains_have_one_colour_per_class(page, quarot_page):
     _show(page, _step(data, "pack"), "model.layers.0", "model.layers.0.mlp")
     mlp = page.eval("[...document.querySelectorAll('#root .node[data-i]')].filter(e => e.querySelector('.chain-mlp'))"
                     ".map(e => e.querySelector('text').textContent + ' ' + e.querySelector('.sub').textContent)")
-    assert sorted(mlp) == ["quantized_linear down_proj", "quantized_linear gate_proj", "quantized_linear up_proj"]
+    assert sorted(mlp) == ["quantized_linear mlp.down_proj", "quantized_linear mlp.gate_proj", "quantized_linear mlp.up_proj"]
     assert "matched by module path" in page.eval("document.getElementById('pulled').textContent")
     stream = page.eval(f"[...document.querySelectorAll({BLOCK} + ' .node[data-i]')].filter(e => e.querySelector('.chain-stream'))"
                        ".map(e => e.querySelector('text').textContent)")
@@ -181,11 +180,12 @@ def test_before_and_after_show_erased_and_created_nodes(page, quarot_page):
     k = _step(_data(quarot_page), "pack")
     _show(page, k, "model.layers.0", "model.layers.0.mlp", side="before")
     erased = page.eval("[...document.querySelectorAll('#root .node.erased[data-i]')].map(e => e.querySelector('.sub').textContent)")
-    assert sorted(erased) == ["down_proj", "gate_proj", "up_proj"]  # aten.linear, replaced by packed ones
+    # aten.linear, replaced by packed ones, and the activation quantizers the packed ones run themselves
+    assert sorted(erased) == ["down_proj", "down_proj", "gate_proj", "gate_proj", "up_proj", "up_proj"]
     _show(page, k, "model.layers.0", "model.layers.0.mlp", side="after")
     assert page.eval("document.querySelectorAll('#root .node.erased').length") == 0
     assert page.eval("[...document.querySelectorAll('#root .node.created[data-path]')].map(e => e.dataset.path)") == \
-        ["model.layers.0", "model.layers.0.self_attn", "model.layers.0.mlp"]  # the boxes holding the packed linears
+        ["model.layers.0", "model.layers.0.self_attn"]  # the boxes holding the packed linears (the mlp's are inline)
     assert page.eval("[...document.querySelectorAll('#root .node.created[data-i] text')].filter(e => !e.classList.length)"
                      ".map(e => e.textContent)") == ["quantized_linear"] * 3
     assert page.errors() == []
@@ -201,11 +201,11 @@ def test_search_finds_modules_and_ops_and_reveals_a_hit(page, quarot_page):
     page.eval("{ const s = document.getElementById('search'); s.value = 'down_proj'; s.dispatchEvent(new Event('input')); 1 }")
     page.eval("new Promise(r => setTimeout(r, 300))")
     assert page.eval("document.querySelector('#results .count').textContent") == f"{expected} matches"
-    assert expected == 6  # per block: the R4 hadamard, the activation quantizer, the packed linear
+    assert expected == 4  # per block: the R4 hadamard, the packed linear (which quantizes its input itself)
     page.eval("[...document.querySelectorAll('#results .hit')].find(e => e.textContent.includes('layers.1.mlp.down_proj'))"
               ".click(); 1")
-    assert page.eval("[...fxq.state.open]") == ["model.layers.0", "model.layers.0.mlp"]
-    assert page.eval("document.querySelector('.node.flash .sub').textContent") == "down_proj"
+    assert page.eval("[...fxq.state.open]") == ["model.layers.0"]  # the mlp is inline in its block after pack
+    assert page.eval("document.querySelector('.node.flash .sub').textContent") == "mlp.down_proj"
     page.eval("{ const s = document.getElementById('search'); s.value = 'scaled_dot'; s.dispatchEvent(new Event('input')); 1 }")
     page.eval("new Promise(r => setTimeout(r, 300))")
     assert page.eval("document.querySelector('#results .count').textContent") == "2 matches"

@@ -188,9 +188,12 @@ def test_the_two_integer_kernels_agree_bit_for_bit_and_match_the_reference(bits_
     x = torch.randn(m, 96) * 3 + (0 if symmetric else 1.5)  # asymmetric: a shifted range, zero points != mid
     ref = layer(fake_quant(x, act.bits, act.symmetric, act.clip_ratio))
     probe = LoweredLinear.lower(layer, LinearPlan("reference", "reference", 0), act)
-    kernels = ["int_mm", "float_codes"] + [k for k in ("onednn", "packed_int") if KERNELS[k].refusal(probe) is None]
+    kernels = ["reference", "int_mm", "float_codes"] + [
+        k for k in ("onednn", "packed_int") if KERNELS[k].refusal(probe) is None]
     outs = [LoweredLinear.lower(layer, LinearPlan(k, k, 10 ** 6), act)(x) for k in kernels]
-    assert all(torch.equal(outs[0], out) for out in outs[1:])  # the same exact integer sums, the same epilogue
+    # the same exact integer sums, the same epilogue: the reference op (the definition) included
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+    # and the float product of the quantized values (the fake-quant model) is float32 rounding apart
     torch.testing.assert_close(outs[0], ref, atol=2e-6 * ref.abs().max().item(), rtol=0)
 
 

@@ -10,6 +10,7 @@ from fxquant.quant.format import QuantFormat
 from fxquant.runtime.hooks import ActivationFakeQuant
 from fxquant.runtime.kernels import native, packed_int
 from fxquant.runtime.kernels.linear import KERNELS, candidates
+from fxquant.runtime.linear import QuantizedLinear
 from fxquant.runtime.lowered import LinearPlan, LoweredLinear
 from tests.test_kernels import _layer
 
@@ -39,6 +40,7 @@ def test_the_c_kernel_equals_int_mm_bit_for_bit(bits_w, bits_a, symmetric, in_f,
         y = mine(x)
         assert y.dtype == dtype and y.shape == (2, m, 24)
         assert torch.equal(y, theirs(x)), (m, dtype)
+        assert torch.equal(y, QuantizedLinear.forward(mine, x)), (m, dtype)  # the reference op: the definition
 
 
 @pytest.mark.parametrize("path", OLDER_CPUS)

@@ -14,6 +14,8 @@ from fxquant import load, quantize, save
 from fxquant.errors import ModelLoadError
 from fxquant.models import tiny_model
 from fxquant.serialize import load_tokenizer
+from fxquant.runtime.hooks import ActivationFakeQuant
+from fxquant.runtime.linear import QuantizedLinear
 
 
 def _ids():
@@ -277,8 +279,13 @@ def test_a_directory_saved_before_the_house_move_loads_with_the_same_logits():
     data = Path(__file__).resolve().parent / "data"
     expected = load_file(str(data / "saved_llama_quarot_w4a8_v0.expected.safetensors"))
     model = load(data / "saved_llama_quarot_w4a8_v0")
+    packed = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert packed and all(m.act == ActivationFakeQuant(8, True, 1.0) for m in packed)  # loading absorbs them
     with torch.no_grad():
-        assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        logits = model(expected["ids"]).logits
+    # since 2026-12-02 a layer with quantized inputs computes the exact integer product: the float32
+    # rounding of the float product the recorded logits came from apart
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-4 * expected["logits"].abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("no_lower", [False, True])

@@ -25,7 +25,7 @@ from fxquant.quant.format import QuantFormat
 from fxquant.runtime.attention import GraphAttention
 from fxquant.runtime.hooks import INPUT_SCALE, ActivationFakeQuant, InputScale, OnlineHadamard
 from fxquant.runtime.library import FAKE_QUANT, HADAMARD, QUANTIZED_LINEAR
-from fxquant.runtime.linear import QuantizedLinear
+from fxquant.runtime.linear import QuantizedLinear, absorb_input_quantizer
 
 LINEAR = (F.linear, torch._C._nn.linear)
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -189,6 +189,10 @@ class _Builder:
         x, hooks = _hooks_before(node.args[0], path, self.weights)
         for hook in hooks:
             layer.register_forward_pre_hook(hook)
+        if isinstance(layer, QuantizedLinear) and layer.act is not None:  # the op quantized its input itself
+            act, layer.act = layer.act, None
+            layer.register_forward_pre_hook(act)
+            absorb_input_quantizer(layer)
         parent, _, name = path.rpartition(".")
         owner = _module_at(self.tree, parent)
         _carry_children(owner._modules.get(name), layer)
@@ -264,7 +268,10 @@ def _linear_module(node, tree, weights) -> torch.nn.Module | None:
 
 
 def _quantized_module(node, tree, weights) -> QuantizedLinear | None:
-    x, codes, scale, zero, bias, bits, symmetric, group_size, float_zero, in_features, transposed = node.args
+    x, codes, scale, zero, bias, bits, symmetric, group_size, float_zero, in_features, transposed = node.args[:11]
+    defaults = {"act_bits": 0, "act_symmetric": True, "act_clip_ratio": 1.0}  # the input quantizer a layer absorbed
+    given = dict(zip(defaults, node.args[11:])) | {k: v for k, v in node.kwargs.items() if k in defaults}
+    act_bits, act_symmetric, act_clip = (_constant(given.get(k, d), node) for k, d in defaults.items())
     tensors = [_weight(a, tree, weights) for a in (codes, scale, zero, bias)]
     if any(t is None and a is not None for t, a in zip(tensors, (codes, scale, zero, bias))):
         return None
@@ -276,6 +283,7 @@ def _quantized_module(node, tree, weights) -> QuantizedLinear | None:
     for name, tensor in (("codes", codes), ("scale", scale), ("zero", zero)):
         layer.register_buffer(name, tensor)
     layer.bias = bias
+    layer.act = ActivationFakeQuant(act_bits, act_symmetric, act_clip) if act_bits else None
     return layer
 
 

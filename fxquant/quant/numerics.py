@@ -1,8 +1,10 @@
 """Integer quantization numerics: the reference every kernel and fake-quant in fxquant must match.
 
 Entry points: `qparams` (+ `qparams_clip_search`, `weight_qparams`), `quantize`, `dequantize`,
-`fake_quantize`, `fake_quantize_clip_search`, `clip_errors` (an activation clip search's loss), `round_column` (GPTQ's per-channel step), and
-`QuantizedWeight` (codes, scales and zeros as a packed kernel holds them). Every function takes a
+`fake_quantize`, `fake_quantize_clip_search`, `clip_errors` (an activation clip search's loss), `round_column` (GPTQ's per-channel step),
+`QuantizedWeight` (codes, scales and zeros as a packed kernel holds them), and for a linear whose
+input is quantized per token: `row_codes` (the quantizer's codes) and `integer_linear` (the exact
+integer product, then one float32 epilogue: what every integer kernel computes). Every function takes a
 `QuantFormat` (fxquant.quant.format: bits, symmetric, group_size, zero_point). The one idea: scales
 are computed over the last dimension, whole (per output channel of a `[out, in]` weight, per token
 of an activation) or in groups of `group_size` consecutive entries; symmetric ranges are
@@ -209,3 +211,53 @@ def quantized_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     """Store integer codes (floats, in fmt.qrange) and [..., groups, 1] scales/zeros as a QuantizedWeight."""
     return QuantizedWeight((codes - fmt.qrange[0]).to(torch.uint8), scale[..., 0].to(dtype),
                            None if zero is None else zero[..., 0].to(dtype), fmt)
+
+
+def row_codes(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> tuple:
+    """(codes, scale, zero) per row of the last dim, in float32 (zero None when symmetric): the
+    per-token quantizer's arithmetic in `fake_quantize`'s order, so (codes - zero) * scale is
+    bit-identical to `fake_quantize(x, QuantFormat(bits, symmetric, None, "int"), clip_ratio)`."""
+    f = x.float()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = stored((f.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax).clamp_min(EPS), x.dtype)
+        return torch.round(f / scale).clamp_(-qmax - 1, qmax), scale, None
+    levels = 2 ** bits - 1
+    lo = f.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
+    hi = f.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
+    scale = stored(((hi - lo) / levels).clamp_min(EPS), x.dtype)
+    zero = (0 - torch.round(lo / scale)).clamp(0, levels)
+    return torch.round(f / scale).add_(zero).clamp_(0, levels), scale, zero
+
+
+def integer_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias, like: torch.Tensor):
+    """y = acc s_x s_w (+ b) from the integer sums `acc` [M, out] (int32, or integers held in a float
+    dtype): rounded to float32 once (round-to-nearest-even from either), scaled by the token's then
+    the channel's scale in float32, biased, then in `like`'s dtype and leading shape."""
+    y = acc.float().mul_(x_scale).mul_(w_scale)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.to(like.dtype).view(*like.shape[:-1], w_scale.shape[0])
+
+
+FLOAT32_EXACT = 2 ** 24  # float32 holds every integer up to this, float64 every one up to 2^53
+
+
+def integer_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   act: tuple[int, bool, float], w_bits: int) -> torch.Tensor:
+    """y for x quantized per token by `act` = (bits, symmetric, clip_ratio) and a weight held as signed
+    `w_bits`-bit integer codes [out, in] with one float32 scale per output channel [out]:
+
+        y = ((q_x - z_x) q_w^T) s_x s_w + b      (the integer sum exact)
+
+    The numerics definition of a quantized-input linear: every integer kernel (int32 sums) computes
+    exactly this, where a float product of the dequantized values would round at every step. The sum
+    runs in float32 where no partial sum can pass 2^24, else in float64: exact either way."""
+    bits, symmetric, clip_ratio = act
+    q, x_scale, zero = row_codes(x.reshape(-1, x.shape[-1]), bits, symmetric, clip_ratio)
+    if zero is not None:
+        q = q.sub_(zero)
+    x_max = 2 ** (bits - 1) if symmetric else 2 ** bits - 1  # |q_x - z_x| at most
+    exact = torch.float32 if x_max * 2 ** (w_bits - 1) * x.shape[-1] < FLOAT32_EXACT else torch.float64
+    acc = q.to(exact) @ w_codes.to(exact).t()
+    return integer_epilogue(acc, x_scale, w_scale, bias, x)

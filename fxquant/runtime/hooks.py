@@ -1,7 +1,8 @@
 """Forward pre-hooks that run fxquant's ops on a layer's input at inference.
 
 Entry points: `OnlineHadamard` (R4: x -> fxquant::hadamard(x)), `InputScale` (an equalization scale
-no weight could absorb: x -> x * s), `ActivationFakeQuant` (x -> fxquant::fake_quant(x) per token),
+no weight could absorb: x -> x * s), `ActivationFakeQuant` (x -> fxquant::fake_quant(x) per token), `AbsorbedActivationQuant` (one a
+packed layer runs itself),
 and `hooks_of(model, kind)` to list what is installed (installing them is transform work:
 `fxquant.install`). The one idea: a hook
 lives on the model itself, so `generate()`, the KV cache and a re-capture all see it (torch.export
@@ -58,6 +59,16 @@ class ActivationFakeQuant:
         return (fake_quant(args[0], self.bits, self.symmetric, self.clip_ratio), *args[1:])
 
 
+@dataclass(frozen=True)
+class AbsorbedActivationQuant(ActivationFakeQuant):
+    """The activation quantizer of a packed layer that quantizes its input itself (its product is the
+    exact integer product of the codes: `QuantizedLinear.act`): the hook stands aside, lists and
+    saves as the quantizer it is."""
+
+    def __call__(self, module, args):
+        return None
+
+
 HOOK_TYPES = {cls.__name__: cls for cls in (OnlineHadamard, InputScale, ActivationFakeQuant)}
 
 
@@ -87,8 +98,11 @@ def activation_hooks(model: torch.nn.Module) -> dict[str, ActivationFakeQuant]:
 
 
 def remove_activation_hooks(module: torch.nn.Module) -> int:
-    """Drop the activation fake-quant hooks of one module (a new config replaces them); how many."""
+    """Drop the activation fake-quant hooks of one module (a new config replaces them), and the
+    quantizer a packed layer absorbed from one; how many."""
     keys = [k for k, hook in module._forward_pre_hooks.items() if isinstance(hook, ActivationFakeQuant)]
     for key in keys:
         del module._forward_pre_hooks[key]
+    if isinstance(getattr(module, "act", None), ActivationFakeQuant):  # a QuantizedLinear's (other modules' act differ)
+        module.act = None
     return len(keys)

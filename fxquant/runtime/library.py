@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.hadamard import hadamard_transform
+from fxquant.hadamard import hadamard_transform, kronecker_hadamard
 from fxquant.quant.format import QuantFormat
-from fxquant.quant.numerics import QuantizedWeight, fake_quantize, fake_quantize_ste
+from fxquant.quant.numerics import QuantizedWeight, fake_quantize, fake_quantize_ste, integer_linear
 from fxquant.quant.packed import unpack_int4
 
 
 @torch.library.custom_op("fxquant::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """y = x @ H^T / sqrt(n) over the last dim (n = m * 2^k from fxquant.hadamard), laid out like x."""
+    """y = x @ H^T / sqrt(n) over the last dim (n = m * 2^k from fxquant.hadamard), laid out like x,
+    in the arithmetic of the device's kernel (`online_transform`), so a 4-bit quantizer after it sees
+    the same bits in the reference model and the lowered one."""
     out = torch.empty_like(x)  # q and k arrive as transposed views: keep their strides, as the fake does
-    return out.copy_(hadamard_transform(x))
+    return out.copy_(online_transform(x.device)(x))
+
+
+def online_transform(device: torch.device):
+    """The online Hadamard's arithmetic on `device`: on CPU the Kronecker GEMMs its kernel runs
+    (`kronecker_hadamard`); elsewhere the butterfly (`hadamard_transform`), whose stages the Triton
+    kernel runs in the same order (bit-exact for n = 2^k). The two agree to float32 rounding."""
+    return kronecker_hadamard if torch.device(device).type == "cpu" else hadamard_transform
 
 
 @hadamard.register_fake
@@ -92,9 +101,18 @@ def dequantized_weight(codes, scale, zero, bits, symmetric, group_size, float_ze
 @torch.library.custom_op("fxquant::quantized_linear", mutates_args=())
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                      bias: torch.Tensor | None, bits: int, symmetric: bool, group_size: int, float_zero: bool,
-                     in_features: int, transposed: bool) -> torch.Tensor:
+                     in_features: int, transposed: bool, act_bits: int = 0, act_symmetric: bool = True,
+                     act_clip_ratio: float = 1.0) -> torch.Tensor:
     """y = x W^T + b with W dequantized from `codes` (`group_size` 0: one scale per output row);
-    `transposed`: the product as transformers' Conv1D computes it (addmm with W^T stored contiguous)."""
+    `transposed`: the product as transformers' Conv1D computes it (addmm with W^T stored contiguous).
+    `act_bits` > 0: x is first quantized per token (`act_bits`, `act_symmetric`, `act_clip_ratio`), and
+    y is the exact integer product of the codes, scaled once (numerics.integer_linear; symmetric
+    per-channel weights only): what the integer kernels compute, bit for bit."""
+    if act_bits:
+        if not symmetric or group_size or transposed:
+            raise ValueError("quantized_linear: a quantized input needs symmetric per-channel weights, not transposed")
+        signed = stored_codes(codes, bits, in_features).to(torch.int16) - 2 ** (bits - 1)
+        return integer_linear(x, signed, scale[:, 0].float(), bias, (act_bits, act_symmetric, act_clip_ratio), bits)
     w = dequantized_weight(codes, scale, zero, bits, symmetric, group_size, float_zero, in_features)
     if transposed:
         return torch.addmm(bias, x.reshape(-1, in_features), w.t().contiguous()).view(*x.shape[:-1], w.shape[0])
@@ -103,7 +121,7 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
 
 @quantized_linear.register_fake
 def _quantized_linear_fake(x, codes, scale, zero, bias, bits, symmetric, group_size, float_zero, in_features,
-                           transposed):
+                           transposed, act_bits=0, act_symmetric=True, act_clip_ratio=1.0):
     return x.new_empty(*x.shape[:-1], scale.shape[0])
 
 

@@ -8,6 +8,13 @@ replaced did (`F.linear`, or `addmm` for a transformers Conv1D), so a packed mod
 bit what its fake-quant model did; `torch.export` and `torch.compile` see one named node, which a
 kernel can replace. `spec()` / `from_spec()` are the layer as plain data, in the keys saved
 directories have always used (the format as bits, symmetric, group_size, float_zero).
+
+One exception to "as the layer it replaced": a layer with symmetric per-channel weights whose input
+passes a per-token activation quantizer takes that quantizer over (`absorb_input_quantizer`, at
+pack and load: `act`), and computes the exact integer product of the two codes, scaled once
+(numerics.integer_linear). That is what every integer kernel computes bit for bit, where the float
+product of the dequantized values rounds at every step: the fake-quant model and the packed one
+differ by float32 rounding there, the packed one and its kernels not at all.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import torch
 from fxquant.quant.format import QuantFormat
 from fxquant.quant.numerics import QuantizedWeight
 from fxquant.quant.packed import pack_int4
+from fxquant.runtime.hooks import AbsorbedActivationQuant, ActivationFakeQuant
 from fxquant.runtime.library import dequantized_weight, packs_two_per_byte, stored_codes
 
 SPEC_KEYS = ("in_features", "out_features", "bits", "symmetric", "group_size", "float_zero", "bias", "transposed")
@@ -35,6 +43,7 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=dtype))
         self.register_buffer("zero", None if fmt.symmetric else torch.zeros(out_features, groups, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self.act: ActivationFakeQuant | None = None  # the input quantizer it runs itself (absorb_input_quantizer)
 
     @classmethod
     def from_weight(cls, qw: QuantizedWeight, bias: torch.Tensor | None, transposed: bool = False) -> QuantizedLinear:
@@ -97,13 +106,53 @@ class QuantizedLinear(torch.nn.Module):
         w = self.weight_values()
         return w.t().contiguous() if self.transposed else w
 
+    def _act_format(self) -> tuple:
+        """The absorbed input quantizer as the op's trailing arguments (none when there is none)."""
+        act = getattr(self, "act", None)
+        return () if act is None else (act.bits, act.symmetric, act.clip_ratio)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.fxquant.quantized_linear(x, self.codes, self.scale, self.zero, self.bias,
-                                                  *self._op_format(), self.transposed)
+                                                  *self._op_format(), self.transposed, *self._act_format())
 
     def describe(self) -> str:
         """`int4 asym float-zero group 64`: the storage format in words."""
         return self.fmt.describe()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.describe()}, bias={self.bias is not None}"
+        act = getattr(self, "act", None)
+        inside = "" if act is None else f", int{act.bits} input quantized inside (integer product)"
+        return f"in={self.in_features}, out={self.out_features}, {self.describe()}, bias={self.bias is not None}{inside}"
+
+
+def integer_product_refusal(layer: QuantizedLinear) -> str | None:
+    """Why `layer`'s product cannot be the integer product of its input's codes and its weight's
+    (one scale per output channel, symmetric, a plain linear), or None when it can."""
+    fmt = layer.fmt
+    if not fmt.symmetric or fmt.group_size is not None:
+        return f"{fmt.describe()} weights (the integer product takes symmetric per-channel weights)"
+    if layer.transposed:
+        return "a Conv1D layer (transposed product)"
+    return None
+
+
+def absorb_input_quantizer(layer: QuantizedLinear) -> bool:
+    """Let `layer` run the per-token quantizer that runs last on its input (an ActivationFakeQuant
+    hook) itself, where its product can be the integer one: `layer.act` is set and the hook becomes
+    an `AbsorbedActivationQuant`, which stands aside and saves as the quantizer it was. Whether it
+    runs one now (it may have already)."""
+    if getattr(layer, "act", None) is not None:
+        return True
+    hooks = layer._forward_pre_hooks
+    key = next(reversed(hooks), None) if hooks else None
+    hook = hooks[key] if key is not None else None
+    if type(hook) is not ActivationFakeQuant or integer_product_refusal(layer) is not None:
+        return False
+    layer.act = hook
+    hooks[key] = AbsorbedActivationQuant(hook.bits, hook.symmetric, hook.clip_ratio)
+    return True
+
+
+def absorb_input_quantizers(model: torch.nn.Module) -> list[str]:
+    """`absorb_input_quantizer` on every packed layer of `model`; the paths that run one."""
+    return [path for path, m in model.named_modules() if isinstance(m, QuantizedLinear) and absorb_input_quantizer(m)]

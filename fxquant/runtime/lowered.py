@@ -2,8 +2,7 @@
 
 Entry points: `LoweredLinear` (a `QuantizedLinear` that dispatches on the token count M between a
 decode kernel and a prefill kernel), `FastOnlineHadamard`, `FastActivationQuant`,
-`FastHadamardQuant` (R4 and the activation quantizer fused), `AbsorbedActivationQuant` (a quantizer
-the layer's integer kernel runs itself), `FastAttentionTransform`, and `DecodeLinear` (a float
+`FastHadamardQuant` (R4 and the activation quantizer fused), `FastAttentionTransform`, and `DecodeLinear` (a float
 linear decoding on a faster kernel: `GemvLinear`, `Bf16Linear`). The one
 idea: every lowered object is a subclass of the portable one it replaces and keeps its state, so
 `hooks_of`, `save` and a re-capture see what they always saw; a saved lowered model is the packed
@@ -42,10 +41,10 @@ class LoweredLinear(QuantizedLinear):
     @classmethod
     def lower(cls, layer: QuantizedLinear, plan: LinearPlan, act: ActivationFakeQuant | None = None) -> LoweredLinear:
         """The lowered twin of `layer`, sharing its buffers, with the plan's kernel layouts built;
-        `act`: the activation quantizer on its input that it takes over (the hook then stands aside)."""
+        `act`: the input quantizer it runs (default: the one `layer` absorbed, if any)."""
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
-        new.act = act
+        new.act = act if act is not None else getattr(layer, "act", None)
         new.in_features, new.out_features, new.fmt, new.transposed = (
             layer.in_features, layer.out_features, layer.fmt, layer.transposed)
         for name in ("codes", "scale", "zero"):
@@ -89,15 +88,6 @@ class FastActivationQuant(ActivationFakeQuant):
         if not _floating_input(args):
             return None
         return (fast_fake_quant(args[0], self.bits, self.symmetric, self.clip_ratio), *args[1:])
-
-
-@dataclass(frozen=True)
-class AbsorbedActivationQuant(ActivationFakeQuant):
-    """The activation quantizer of a layer whose kernel quantizes its input itself (the exact
-    integer product): the hook stands aside, and still saves as the quantizer it is."""
-
-    def __call__(self, module, args):
-        return None
 
 
 @dataclass(frozen=True)

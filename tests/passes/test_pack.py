@@ -13,7 +13,8 @@ from fxquant.models import tiny_model
 from fxquant.runtime.hooks import OnlineHadamard
 from fxquant.quant.pack import pack_model
 from fxquant.quant.records import recorded
-from fxquant.runtime.hooks import ActivationFakeQuant
+from fxquant.runtime.hooks import AbsorbedActivationQuant, ActivationFakeQuant
+from fxquant.quant.numerics import row_codes
 from fxquant.runtime.linear import QuantizedLinear
 from fxquant.recipes import PRESETS
 
@@ -64,9 +65,29 @@ def test_hooks_and_online_hadamards_move_to_the_packed_layer():
     down = packed.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantizedLinear)
     hooks = list(down._forward_pre_hooks.values())
-    assert [type(h) for h in hooks] == [OnlineHadamard, ActivationFakeQuant]  # R4 then the int4 quantizer
+    # R4, then the int4 quantizer, which the layer runs itself (symmetric per-channel weights)
+    assert [type(h) for h in hooks] == [OnlineHadamard, AbsorbedActivationQuant]
+    assert down.act == ActivationFakeQuant(4, True, 1.0) and hooks[1] == AbsorbedActivationQuant(4, True, 1.0)
+    x = torch.randn(6, down.in_features)
     with torch.no_grad():
-        assert torch.equal(packed(_ids()).logits, fake(_ids()).logits)
+        want, got = fake.model.layers[0].mlp.down_proj(x), down(x)
+    # the same codes; the exact integer product, against the float product of their values
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    assert not torch.equal(got, want)
+    signed = down.signed_codes().double()
+    h = torch.ops.fxquant.hadamard(x)
+    q, s, _ = row_codes(h, 4, True)
+    exact = ((q.double() @ signed.t()).float() * s * down.scale[:, 0].float())
+    assert torch.equal(got, exact)
+
+
+def test_pack_refuses_a_layer_that_does_not_compute_what_its_fake_quant_layer_did(monkeypatch):
+    model = tiny_model("llama")
+    quantize(model, _unpacked("w8a8"))
+    monkeypatch.setattr(QuantizedLinear, "forward", lambda self, x: torch.zeros(*x.shape[:-1], self.out_features))
+    with pytest.raises(PassError, match=r"packed 'model\.layers\.0\.self_attn\.q_proj' does not compute"):
+        pack_model(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # nothing was replaced
 
 
 def test_int4_codes_take_an_eighth_of_the_float32_bytes():
@@ -120,7 +141,11 @@ def test_a_packed_model_refuses_more_passes_and_still_captures():
     assert structure.stream.writers == () and structure.vo_chains == () and structure.mlp_chains == ()
     # ...and every place a packed layer stops the analysis is reported, not dropped
     opaque = {b.module for b in structure.blocked if "quantized_linear" in b.reason}
-    assert opaque == {f"{layer}.{m}" for layer in layers for m in ("self_attn.o_proj", "mlp.down_proj", "self_attn")}
+    # (each packed layer reads the norm's output itself: it runs its input's quantizer inside)
+    packed = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert opaque == {f"{layer}.{m}" for layer in layers
+                      for m in (*(f"self_attn.{p}" for p in packed), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                "self_attn")}
 
 
 def test_torch_compile_of_a_packed_model_matches_eager():

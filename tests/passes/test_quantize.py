@@ -8,7 +8,9 @@ from conftest import logit_change
 from fxquant import apply_recipe, quantize
 from fxquant.capture import capture
 from fxquant.models import tiny_model
-from fxquant.runtime.hooks import ActivationFakeQuant, activation_hooks
+from fxquant.quant.pack import pack_model
+from fxquant.recipes import load_recipe
+from fxquant.runtime.hooks import AbsorbedActivationQuant, ActivationFakeQuant, activation_hooks
 from fxquant.viz.text import op_counts
 
 
@@ -27,14 +29,25 @@ def test_w8a8_puts_weights_on_a_per_channel_grid_and_hooks_every_linear_but_lm_h
     assert torch.equal(model.lm_head.weight, head)
     hooks = activation_hooks(model)
     assert len(hooks) == 14 and "lm_head" not in hooks
-    assert set(hooks.values()) == {ActivationFakeQuant(8, True)}
+    assert set(hooks.values()) == {AbsorbedActivationQuant(8, True)}  # packed: each layer quantizes its input
+    assert {m.act for m in model.modules() if getattr(m, "fmt", None) is not None} == {ActivationFakeQuant(8, True)}
 
 
 def test_a_recapture_shows_the_activation_quant_ops_as_nodes():
     model = tiny_model("llama")
     assert "fxquant.fake_quant.default" not in op_counts(capture(model).gm)
-    quantize(model, "w8a8")
+    quantize(model, _unpacked_w8a8())
     assert op_counts(capture(model).gm)["fxquant.fake_quant.default"] == 14
+    pack_model(model)  # packed, each layer's op quantizes its input: the quantizer's fields are its arguments
+    nodes = [n for n in capture(model).gm.graph.nodes if str(n.target) == "fxquant.quantized_linear.default"]
+    assert len(nodes) == 14 and {tuple(n.args[11:]) for n in nodes} == {(8,)}  # export drops default arguments
+    assert "fxquant.fake_quant.default" not in op_counts(capture(model).gm)
+
+
+def _unpacked_w8a8() -> dict:
+    recipe = load_recipe("w8a8").to_dict()
+    recipe["passes"] = [p for p in recipe["passes"] if p["pass"] != "pack"]
+    return recipe
 
 
 def test_w4a16_groups_and_generate_still_works():

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from fxquant.quant.numerics import integer_epilogue, row_codes
 from fxquant.runtime.kernels.define import define
-from fxquant.runtime.kernels.quantize import row_codes
+from fxquant.runtime.linear import integer_product_refusal
 
 INT_MM_MIN_M = 17  # torch._int_mm needs M > 16
 FLOAT_EXACT = 2 ** 24  # float32 holds every integer up to this
@@ -24,15 +25,9 @@ FLOAT_EXACT = 2 ** 24  # float32 holds every integer up to this
 
 def integer_refusal(layer) -> str | None:
     """Why no integer kernel can run `layer` (a LoweredLinear candidate), or None when one can."""
-    act = getattr(layer, "act", None)
-    if act is None:
+    if getattr(layer, "act", None) is None:
         return "its input is not quantized (no activation quantizer to take over)"
-    fmt = layer.fmt
-    if not fmt.symmetric or fmt.group_size is not None:
-        return f"{fmt.describe()} weights (the integer kernels take symmetric per-channel weights)"
-    if layer.transposed:
-        return "a Conv1D layer (transposed product)"
-    return None
+    return integer_product_refusal(layer)
 
 
 def float_codes_refusal(layer) -> str | None:
@@ -79,14 +74,6 @@ def to_float_codes(layer) -> dict[str, torch.Tensor]:
     return {"codes": layer.signed_codes().float().contiguous(), "scale": _scales(layer)}
 
 
-def _epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias, x: torch.Tensor):
-    """y = acc s_x s_w (+ b), in x's dtype and shape."""
-    y = acc.float().mul_(x_scale).mul_(w_scale)
-    if bias is not None:
-        y = y.add_(bias)
-    return y.to(x.dtype).view(*x.shape[:-1], w_scale.shape[0])
-
-
 def _signed_row_codes(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple:
     """Per-token (codes, scale, zero) with asymmetric codes shifted into int8: q' = q - 2^(b-1),
     z' = z - 2^(b-1), so q - z = q' - z' (zero None when symmetric)."""
@@ -111,7 +98,7 @@ def _int_mm_linear(x: torch.Tensor, codes_t: torch.Tensor, scale: torch.Tensor, 
                    bits: int, clip_ratio: float) -> torch.Tensor:
     """Quantize x per token (`bits`, symmetric), then (q_x q_w^T) s_x s_w + b through torch._int_mm."""
     acc, x_scale, _ = _int_mm_product(x, codes_t, bits, True, clip_ratio)
-    return _epilogue(acc, x_scale, scale, bias, x)
+    return integer_epilogue(acc, x_scale, scale, bias, x)
 
 
 def _int_mm_linear_asym(x: torch.Tensor, codes_t: torch.Tensor, scale_colsum: list[torch.Tensor],
@@ -121,7 +108,7 @@ def _int_mm_linear_asym(x: torch.Tensor, codes_t: torch.Tensor, scale_colsum: li
     scale, colsum = scale_colsum
     acc, x_scale, zero = _int_mm_product(x, codes_t, bits, False, clip_ratio)
     acc = acc - zero.to(torch.int32) * colsum.to(torch.int32)
-    return _epilogue(acc, x_scale, scale, bias, x)
+    return integer_epilogue(acc, x_scale, scale, bias, x)
 
 
 def _int_mm_linear_fake(x, codes_t, scale, bias, bits, clip_ratio):
@@ -132,14 +119,14 @@ def _float_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
                         bits: int, clip_ratio: float) -> torch.Tensor:
     """Quantize x per token, then the integer product as an exact float32 GEMM of the codes."""
     q, x_scale, _ = _signed_row_codes(x, bits, True, clip_ratio)
-    return _epilogue(q @ codes.t(), x_scale, scale, bias, x)
+    return integer_epilogue(q @ codes.t(), x_scale, scale, bias, x)
 
 
 def _float_codes_linear_asym(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                              bits: int, clip_ratio: float) -> torch.Tensor:
     """Asymmetric per-token x: (q_x - z_x) q_w^T as an exact float32 GEMM of the codes."""
     q, x_scale, zero = _signed_row_codes(x, bits, False, clip_ratio)
-    return _epilogue((q - zero) @ codes.t(), x_scale, scale, bias, x)
+    return integer_epilogue((q - zero) @ codes.t(), x_scale, scale, bias, x)
 
 
 def _float_codes_linear_fake(x, codes, scale, bias, bits, clip_ratio):

@@ -3,7 +3,8 @@
 Entry points: `LinearKernel` (name, device type, when it refuses a layer, how it converts the
 weight once, how it runs), `LINEAR_KERNELS` (the table, reference first) and `candidates(layer,
 device)` (the kernels that take a layer there, with the reasons the others refuse). The reference
-reads the portable codes every call (exact: it is `fxquant::quantized_linear`); every other kernel
+reads the portable codes every call (exact: it is `fxquant::quantized_linear`, which also runs a layer's
+absorbed input quantizer and the integer product); every other kernel
 reads buffers `prepare` made once, in its own layout, named `<kernel>_<key>` on the layer.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from fxquant.runtime.kernels import int4, int8, integer, onednn, packed_int
+from fxquant.runtime.linear import QuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,7 @@ class LinearKernel:
 
 
 def _reference(layer, x):
-    return torch.ops.fxquant.quantized_linear(x, layer.codes, layer.scale, layer.zero, layer.bias,
-                                              *layer._op_format(), layer.transposed)
+    return QuantizedLinear.forward(layer, x)  # with an absorbed quantizer: the integer product's definition
 
 
 def _tinygemm(layer, x):
@@ -88,7 +89,7 @@ def _triton_int8_refusal(layer) -> str | None:
 
 def _triton_int8(layer, x):
     """The quantizer's codes (fxquant's numerics, torch ops) into the Triton int8 GEMM: exact sums."""
-    from fxquant.runtime.kernels.quantize import row_codes
+    from fxquant.quant.numerics import row_codes
     from fxquant.runtime.kernels.triton import int8 as triton_int8
 
     q, x_scale, _ = row_codes(x.reshape(-1, x.shape[-1]), layer.act.bits, True, layer.act.clip_ratio)
@@ -124,8 +125,9 @@ def _triton_int4(layer, x):
                                                 getattr(layer, "triton_int4_offset", None), layer.bias)
 
 
-REFERENCE = LinearKernel("reference", "any", "dequantize + F.linear (fxquant::quantized_linear)", True,
-                         lambda layer: None, lambda layer: {}, _reference)
+REFERENCE = LinearKernel("reference", "any", "fxquant::quantized_linear (dequantize + F.linear; the integer "
+                         "product where the input is quantized inside)", True, lambda layer: None, lambda layer: {},
+                         _reference, quantizes_input=True)
 LINEAR_KERNELS = (
     REFERENCE,
     LinearKernel("int4_tinygemm", "cpu", "int4 tinygemm (aten._weight_int4pack_mm_for_cpu, bf16 activations)",

@@ -21,9 +21,9 @@ import weakref
 
 import torch
 
+from fxquant.quant.numerics import integer_epilogue, row_codes
 from fxquant.runtime.kernels import integer
 from fxquant.runtime.kernels.define import define
-from fxquant.runtime.kernels.quantize import row_codes
 
 PAIR_LIMIT = 2 ** 15  # an int16 pair sum saturates from here
 
@@ -115,7 +115,7 @@ def _onednn_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bi
                    bits: int, clip_ratio: float) -> torch.Tensor:
     """Quantize x per token (`bits`, symmetric), then (q_x q_w^T) s_x s_w + b on oneDNN."""
     acc, x_scale, _ = _onednn_product(x, codes, bits, True, clip_ratio)
-    return integer._epilogue(acc, x_scale, scale, bias, x)
+    return integer_epilogue(acc, x_scale, scale, bias, x)
 
 
 def _onednn_linear_asym(x: torch.Tensor, codes: torch.Tensor, scale_colsum: list[torch.Tensor],
@@ -124,7 +124,7 @@ def _onednn_linear_asym(x: torch.Tensor, codes: torch.Tensor, scale_colsum: list
     float32 (exact: every term is an integer below 2^24)."""
     scale, colsum = scale_colsum
     acc, x_scale, zero = _onednn_product(x, codes, bits, False, clip_ratio)
-    return integer._epilogue(acc.sub_(zero * colsum), x_scale, scale, bias, x)
+    return integer_epilogue(acc.sub_(zero * colsum), x_scale, scale, bias, x)
 
 
 def _onednn_linear_fake(x, codes, scale, bias, bits, clip_ratio):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.quant.format import QuantFormat
-from fxquant.quant.numerics import EPS, fake_quantize, stored
+from fxquant.quant.numerics import fake_quantize, row_codes
 from fxquant.runtime.kernels.define import define
 from fxquant.runtime.kernels.hadamard import kronecker_hadamard
 
@@ -23,22 +23,6 @@ from fxquant.runtime.kernels.hadamard import kronecker_hadamard
 def reference(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
     """The numerics definition: fake_quantize per row (an integer zero point when asymmetric)."""
     return fake_quantize(x, QuantFormat(bits, symmetric, None, "int"), clip_ratio)
-
-
-def row_codes(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> tuple:
-    """(codes, scale, zero) per row of the last dim, in float32 (zero None when symmetric): the
-    reference's arithmetic in its order, so x_hat = (codes - zero) * scale is bit-identical to it."""
-    f = x.float()
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = stored((f.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax).clamp_min(EPS), x.dtype)
-        return torch.round(f / scale).clamp_(-qmax - 1, qmax), scale, None
-    levels = 2 ** bits - 1
-    lo = f.amin(dim=-1, keepdim=True).clamp_max(0) * clip_ratio
-    hi = f.amax(dim=-1, keepdim=True).clamp_min(0) * clip_ratio
-    scale = stored(((hi - lo) / levels).clamp_min(EPS), x.dtype)
-    zero = (0 - torch.round(lo / scale)).clamp(0, levels)
-    return torch.round(f / scale).add_(zero).clamp_(0, levels), scale, zero
 
 
 def row_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
