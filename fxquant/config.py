@@ -21,6 +21,7 @@ from fxquant.quant.gptq import GPTQOptions
 ROTATION_KINDS = ("hadamard", "random-hadamard", "random-orthogonal")  # = fxquant.hadamard.KINDS
 ROTATION_SOURCES = (*ROTATION_KINDS, "learned")  # "learned": the matrix a learn_rotations step trained
 TRAINED_WEIGHTS = ("auto", "float", "rtn")  # the weights learn_rotations trains against (LearnRotationsConfig)
+ROTATION_LOSSES = ("cross_entropy", "kl")  # what learn_rotations minimises
 PRECISIONS = ("float64", "float32")
 R1_MODES = ("auto", "fold", "online")  # rotate_residual: fold Q into the stream, rotate reader inputs online, or pick
 
@@ -116,6 +117,9 @@ class LearnRotationsConfig:
     "auto" (float when GPTQ follows activation or KV quantizers, else rtn); `checkpointing`
     recomputes each decoder block in the backward pass (memory); `max_minutes` stops early;
     `checkpoint` is a file the rotations are saved to every `save_every` steps and resumed from.
+    `loss` = "cross_entropy" (next-token NLL, SpinQuant's) or "kl" (KL divergence from the float
+    model's next-token distribution, which is zero without quantization: every step's signal is the
+    quantization error alone, at the cost of one float forward pass per row).
     """
 
     init: str = "random-hadamard"
@@ -130,9 +134,11 @@ class LearnRotationsConfig:
     checkpoint: str | None = None
     save_every: int = 10
     strict: bool = False
+    loss: str = "cross_entropy"
 
     def __post_init__(self):
         owner = "LearnRotationsConfig"
+        _one_of(owner, "loss", self.loss, ROTATION_LOSSES)
         _one_of(owner, "strict", self.strict, (True, False))
         _one_of(owner, "init", self.init, ROTATION_KINDS)
         _int_in(owner, "seed", self.seed, 0, 2 ** 63 - 1)

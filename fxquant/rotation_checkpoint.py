@@ -26,7 +26,8 @@ def save_checkpoint(cfg, opt, step: int, losses: list[float]) -> Path:
     path = Path(cfg.checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in opt.state().items()}
-    meta = {"format": FORMAT, "step": str(step), "init": cfg.init, "seed": str(cfg.seed), "losses": json.dumps(losses)}
+    meta = {"format": FORMAT, "step": str(step), "init": cfg.init, "seed": str(cfg.seed), "loss": cfg.loss,
+            "losses": json.dumps(losses)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -53,6 +54,8 @@ def load_checkpoint(cfg, opt) -> tuple[int, list[float]]:
     if (meta.get("init"), meta.get("seed")) != (cfg.init, str(cfg.seed)):
         raise _refuse(path, f"was trained from init {meta.get('init')!r} seed {meta.get('seed')}, "
                             f"not {cfg.init!r} seed {cfg.seed}")
+    if meta.get("loss", "cross_entropy") != cfg.loss:  # files before the field trained on cross-entropy
+        raise _refuse(path, f"was trained on the {meta.get('loss', 'cross_entropy')} loss, not {cfg.loss}")
     expected = {k: tuple(v.shape) for k, v in opt.matrices.items()}
     found = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("momentum:")}
     if found != expected or any(f"momentum:{k}" not in tensors for k in expected):

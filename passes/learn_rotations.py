@@ -160,16 +160,27 @@ def _predicted(row: dict) -> torch.Tensor | None:
     return None if mask is None else mask[0, 1:].bool() & mask[0, :-1].bool()
 
 
-def _token_loss(model, row: dict, extra: dict) -> tuple[torch.Tensor, int]:
-    """(sum of next-token NLL over the row's real tokens, their count)."""
+def _next_token_logits(model, row: dict, extra: dict) -> torch.Tensor:
+    """The model's next-token logits for a [1, seq] row, [seq - 1, vocab], at least float32."""
     out = model(**row, **extra)
     logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
-    ids = row["input_ids"]
     logits = logits[0, :-1]
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _token_loss(model, row: dict, extra: dict, teacher: torch.nn.Module | None = None) -> tuple[torch.Tensor, int]:
+    """(sum over the row's real tokens of the next-token loss, their count): the NLL of the next
+    token, or with a `teacher` (the float model) KL(teacher || model) of the next-token distributions."""
+    logits = _next_token_logits(model, row, extra)
+    if teacher is None:
+        per_token = torch.nn.functional.cross_entropy(logits, row["input_ids"][0, 1:], reduction="none")
+    else:
+        with torch.no_grad():
+            target = torch.log_softmax(_next_token_logits(teacher, row, extra), dim=-1)
+        log_p = torch.log_softmax(logits, dim=-1)
+        per_token = torch.nn.functional.kl_div(log_p, target, reduction="none", log_target=True).sum(-1)
     keep = _predicted(row)
-    return (nll.sum(), nll.numel()) if keep is None else (nll[keep].sum(), int(keep.sum()))
+    return (per_token.sum(), per_token.numel()) if keep is None else (per_token[keep].sum(), int(keep.sum()))
 
 
 @dataclass
@@ -184,9 +195,10 @@ class _Trainer:
     transposed: dict
     blocks: list
     extra: dict
+    teacher: torch.nn.Module | None = None  # the float model, for the "kl" loss
 
     def step(self, matrices: dict[str, torch.Tensor], rows: list[dict], checkpointing: bool) -> tuple[float, dict]:
-        """Mean NLL over `rows` and d(loss)/d(matrix) for each matrix (in the model's dtype).
+        """Mean loss per token over `rows` and d(loss)/d(matrix) for each matrix (in the model's dtype).
 
         Two stages: the rows' backward passes stop at the rotated weights (a leaf each), then one
         backward through the rotation products, so their cost is paid once per step, not per row."""
@@ -201,7 +213,7 @@ class _Trainer:
         scale = 1.0 / max(1, sum(counts))
         with substituted(self.model, used), (_checkpointed(self.model, self.blocks) if checkpointing else nullcontext()):
             for row in rows:
-                loss, n = _token_loss(self.model, row, self.extra)
+                loss, n = _token_loss(self.model, row, self.extra, self.teacher)
                 (loss * scale).backward()
                 total, tokens = total + loss.item(), tokens + n
         keys = [k for k in values if used[k].grad is not None]
@@ -245,8 +257,9 @@ def _one_site_per_tensor(sites, params) -> tuple:
     return tuple(kept)
 
 
-def _trainer(cg, structure, target: Target) -> _Trainer:
-    """The training copy, its frozen base weights and the sites the rotations are computed into."""
+def _trainer(cg, structure, target: Target, loss: str = "cross_entropy") -> _Trainer:
+    """The training copy, its frozen base weights and the sites the rotations are computed into; for
+    the "kl" loss the user's model (float, not yet rotated: rotations keep its function) is the teacher."""
     model, trained = _training_copy(cg, target)
     params = dict(model.named_parameters(remove_duplicate=False))
     sites = _one_site_per_tensor(rotation_sites(structure, target.r1, target.r2), params)
@@ -262,7 +275,7 @@ def _trainer(cg, structure, target: Target) -> _Trainer:
                 w.copy_(canonical(round_weight(canonical(w, quantized[fqn]), target.weights), quantized[fqn]))
     blocks = decoder_blocks(model, [s.module for s in weight_sites(trained)])
     return _Trainer(model, sites, base, frozenset(set(quantized) & rotated), target.weights, transposed, blocks,
-                    model_kwargs(model))
+                    model_kwargs(model), cg.model if loss == "kl" else None)
 
 
 def _check_orthogonal(opt: CayleySGD, step: int) -> None:
@@ -300,7 +313,7 @@ def _train(cg, cfg: LearnRotationsConfig, trainer: _Trainer, opt: CayleySGD, pro
         progress.losses.append(loss)
         last = time.perf_counter() - t0
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.5g}")
         if cfg.checkpoint and progress.step % cfg.save_every == 0:
             save_checkpoint(cfg, opt, progress.step, progress.losses)
     bar.close()
@@ -324,7 +337,7 @@ def learn_rotations(cg, structure, cfg: LearnRotationsConfig | None) -> PassResu
     done, losses = load_checkpoint(cfg, opt) if cfg.checkpoint else (0, [])
     progress = Progress(done, done, losses)
     if done < cfg.steps:  # a finished checkpoint needs no training copy
-        _train(cg, cfg, _trainer(cg, structure, target), opt, progress)
+        _train(cg, cfg, _trainer(cg, structure, target, cfg.loss), opt, progress)
     cg.context.learned.update(opt.matrices)
     return PassResult(_changes(target, start, opt, progress))
 
@@ -332,7 +345,7 @@ def learn_rotations(cg, structure, cfg: LearnRotationsConfig | None) -> PassResu
 def _changes(target: Target, start: dict, opt: CayleySGD, progress: Progress) -> tuple[Change, ...]:
     """One line for the training (steps, time, loss trend, what it trained against), one per matrix."""
     losses, done = progress.losses, progress.done
-    trend = f"loss {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} (step {len(losses)})" if losses else "no steps run"
+    trend = f"loss {losses[0]:.5g} (step 1) -> {losses[-1]:.5g} (step {len(losses)})" if losses else "no steps run"
     run = f"{progress.step - done} steps in {progress.seconds:.0f} s" + (f", resumed after step {done}" if done else "")
     lines = [Change("trained", "rotations", f"{run}; {trend}; {target.note}")]
     for key, x in opt.matrices.items():

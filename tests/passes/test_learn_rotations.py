@@ -53,6 +53,41 @@ def test_step_one_is_the_random_hadamard_model_and_the_loss_it_reports_is_that_m
     assert reported == pytest.approx(_nll(fixed, ids), rel=1e-4)
 
 
+def _kl(model, teacher, ids) -> float:
+    """Mean over tokens of KL(teacher || model) of the next-token distributions."""
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(ids, use_cache=False).logits[:, :-1], dim=-1)
+        log_t = torch.log_softmax(teacher(ids, use_cache=False).logits[:, :-1], dim=-1)
+    return (log_t.exp() * (log_t - log_p)).sum(-1).mean().item()
+
+
+def test_the_kl_loss_is_the_quantized_model_s_divergence_from_the_float_one():
+    ids = _ids(rows=2)
+    fixed = quantize(tiny_model("llama"), _recipe("random-hadamard"))
+    result = apply_recipe(tiny_model("llama"), _recipe(steps=1, batch_size=2, loss="kl"), calibration=ids)
+    reported = float(result.results["learn_rotations"].changes[0].detail.split("loss ")[1].split()[0])
+    # KL is small (1e-4 here): the training copy's float32-rotated weights against the float64 folds
+    # flip a few 4-bit codes, a few percent of it
+    assert reported == pytest.approx(_kl(fixed, tiny_model("llama"), ids), rel=0.05) and reported > 0
+
+
+def test_learning_on_the_kl_loss_brings_the_quantized_model_closer_to_the_float_one():
+    ids, teacher = _ids(rows=4), planted_outliers(tiny_model("llama"))
+    fixed = quantize(planted_outliers(tiny_model("llama")), _recipe("random-hadamard"))
+    learned = quantize(planted_outliers(tiny_model("llama")), _recipe(steps=12, batch_size=4, lr=1.0, loss="kl"),
+                       calibration=ids)
+    assert _kl(learned, teacher, ids) < _kl(fixed, teacher, ids)
+
+
+def test_a_checkpoint_trained_on_another_loss_is_refused(tmp_path):
+    ids, ckpt = _ids(rows=2), str(tmp_path / "r.safetensors")
+    quantize(tiny_model("llama"), _recipe(steps=1, batch_size=1, checkpoint=ckpt), calibration=ids)
+    with pytest.raises(ModelLoadError, match=r"trained on the cross_entropy loss, not kl"):
+        quantize(tiny_model("llama"), _recipe(steps=2, batch_size=1, checkpoint=ckpt, loss="kl"), calibration=ids)
+    with pytest.raises(RecipeError, match=r"loss"):
+        quantize(tiny_model("llama"), _recipe(steps=2, loss="mse"), calibration=ids)
+
+
 def _float_invariance_recipe(arch="llama"):
     recipe = _recipe(tail=[{"pass": "quantize_activations", "bits": 4}], steps=2, batch_size=2, lr=1.0)  # moves far
     if arch in SANDWICH:  # R1 goes online there (a Hadamard op, not a learned fold): R2 alone is learned
